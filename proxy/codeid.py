@@ -16,8 +16,11 @@ one line when they differ. No hash at all comes from a supervisor older than thi
 which cannot tell and would restart the worker for ever: such a worker goes on (it runs when
 the arguments that supervisor passes still parse, as between this release and the one
 before). The supervisor does not restart a worker that exits so (``Supervisor._code_changed``), and
-``/healthz`` says degraded. Contents, not modification times: a reinstall of the same
-version changes nothing and must not stop a worker.
+``/healthz`` says degraded; nor, hashing the installed files again when a worker exited, one whose
+code changed (an older release, a rollback, has no check of its own: its worker refused the
+supervisor's arguments and was restarted for ever); when no worker is left it stops (exit 1).
+Contents, not modification times: a reinstall of the same version changes nothing and must not
+stop a worker.
 
 Keep this module free of imports from the rest of the package, and the check at the top of
 ``proxy.supervisor``: a newer version's worker has to reach it under an older supervisor.

@@ -134,6 +134,9 @@ WORKER_RELOAD_WAIT = 30.0
 WORKER_RELOAD_SLOWER = 3.0  # ... or this many times the supervisor's own load of the same files
 RELOAD_ANSWER_MARGIN = 5.0  # seconds past that bound the supervisor waits for the worker's answer
 MAX_BACKOFF = 30.0
+# Why a worker is not restarted when cachegate was installed over the running supervisor.
+INSTALLED_CHANGED = ("the installed cachegate changed under the running supervisor (its files are not "
+                     "the code this supervisor runs)")
 REAP_WAIT = 5.0  # seconds a reload waits for a worker whose channel closed to be reaped
 STOP_DEADLINE_MARGIN = 5.0  # seconds past shutdown_grace before a stopping worker is killed
 
@@ -397,9 +400,10 @@ class Supervisor:
         # yet, and workers that waited for a lock of a process it killed (pid -> when).
         self._killed: set[int] = set()
         self._freed: dict[int, float] = {}
-        # Set by ``_run``: stopping it; and whether a worker's start-up failure stopped it.
+        # Set by ``_run``: stopping it; and whether a failure stopped it (exit status 1): a worker's
+        # start-up failure, or no worker left that can run the installed code (``_code_changed``).
         self._stop: asyncio.Event | None = None
-        self._startup_failed = False
+        self._failed = False
 
     # -- running ---------------------------------------------------------------------------
 
@@ -518,7 +522,7 @@ class Supervisor:
             await runtime.close(max(0.0, deadline - loop.time()))  # (the last commit to disk: what is left)
             self._release(reserved)
         say("cachegate: stopped", event="stopped")
-        return 1 if self._startup_failed else status
+        return 1 if self._failed else status
 
     def _grace(self) -> float:
         """shutdown_grace of the config running now (a reload applies it at once)."""
@@ -588,10 +592,15 @@ class Supervisor:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _spawn_soon(self, w: Worker, delay: float) -> None:
+    def _spawn_soon(self, w: Worker, delay: float, after: int | None = None) -> None:
+        """Start ``w`` in ``delay`` seconds; ``after``: the pid of its process that exited (a
+        restart), which is not made when the installed code is no longer this supervisor's."""
         async def later() -> None:
             if delay:
                 await asyncio.sleep(delay)
+                if after is not None and not self.stopping and await self._installed_differs():
+                    self._code_changed(w, after, w.last_exit)  # (installed during the backoff)
+                    return
             if not self.stopping:
                 await self._spawn(w)
 
@@ -637,11 +646,11 @@ class Supervisor:
                 # Not even exec'd: an interpreter this user cannot run (a virtualenv of pyenv's
                 # Python in /root, under ProtectHome=). Nor would a retry be, for ever: the start
                 # fails, once, and the service manager says so (not after TimeoutStartSec).
-                if not self._startup_failed:
+                if not self._failed:
                     log.error("cannot start worker %d: %s: %s; stopping (make the virtualenv with the "
                               "system's Python, which the service's user can run)", w.worker_id,
                               sys.executable, exc.strerror or exc)
-                self._startup_failed = True
+                self._failed = True
                 self._stop.set()
                 return
             log.error("cannot start worker %d: %s", w.worker_id, exc)
@@ -732,14 +741,17 @@ class Supervisor:
                 and self._stop is not None:
             # It could not open the cache directory (its line says why: a full filesystem, say):
             # nor would its restarts, so the start fails, once, instead of looping.
-            if not self._startup_failed:  # (its siblings, that met the same, are not restarted either)
+            if not self._failed:  # (its siblings, that met the same, are not restarted either)
                 log.error("worker %d (pid %d) cannot open the cache directory; stopping", w.worker_id,
                           process.pid)
-            self._startup_failed = True
+            self._failed = True
             self._stop.set()
             return
-        if code == EXIT_CODE_CHANGED:
-            self._code_changed(w, process)
+        if code == EXIT_CODE_CHANGED or await self._installed_differs():
+            # (the second: an older release installed over this one, a rollback, has no check of
+            # its own: its worker refused this supervisor's arguments, exit 2, restarted for ever)
+            if not self.stopping:
+                self._code_changed(w, process.pid, code)
             return
         w.restarts += 1
         w.last_exit = code
@@ -759,28 +771,43 @@ class Supervisor:
                   code, delay)
         say(f"cachegate: worker {w.worker_id} (pid {process.pid}) exited with {code}; restarting",
             event="worker_exited", worker_id=w.worker_id, pid=process.pid, code=code)
-        self._spawn_soon(w, delay)
+        self._spawn_soon(w, delay, after=process.pid)
 
-    def _code_changed(self, w: Worker, process: asyncio.subprocess.Process) -> None:
-        """A worker exited because its code is not this supervisor's (``proxy.codeid``): cachegate
-        was installed over the running one. Every restart would run the new code and exit the
-        same, so it is not restarted: the instance runs a worker short until the service is
-        restarted, and ``/healthz`` says so (503, degraded). During the start-up the start
-        fails instead (the service manager starts the new version)."""
+    async def _installed_differs(self) -> bool:
+        """Whether the installed code is no longer the code this supervisor runs (and passes its
+        workers): asked when a worker exited, before it is restarted. A worker of this release or
+        a later one tells by itself (``EXIT_CODE_CHANGED``), but an older release installed over
+        this one (a rollback) has no such check. Hashing the package takes a few ms (7 on a busy
+        2-core machine): in a thread, and only when a worker exits."""
+        return await asyncio.to_thread(identity) != self.code_id
+
+    def _code_changed(self, w: Worker, pid: int, code: int | None) -> None:
+        """A worker (its last process: ``pid``) exited, and cachegate was installed over the
+        running one: the worker said so (``proxy.codeid``; ``code`` is ``EXIT_CODE_CHANGED``), or
+        the installed files no longer hash as this supervisor's code (``_installed_differs``).
+        Every restart would run the new code and exit the same (or refuse this supervisor's
+        arguments), so it is not restarted: the instance runs a worker short until the service is
+        restarted, and ``/healthz`` says so (503, degraded). When no worker runs any more, and
+        during the start-up, the supervisor stops instead, with exit status 1: the service
+        manager (``Restart=on-failure``) starts the new version."""
         w.given_up = CODE_CHANGED
+        w.last_exit = code
+        exited = "exited" if code == EXIT_CODE_CHANGED else f"exited with {code}"
         runtime = self.runtime
-        if runtime is not None and runtime.state == "starting" and self._stop is not None:
-            if not self._startup_failed:
-                log.error("worker %d (pid %d) exited: %s; stopping", w.worker_id, process.pid, CODE_CHANGED)
-            self._startup_failed = True
+        running = sum(1 for o in self.workers if o.given_up is None)
+        if self._stop is not None and (running == 0 or (runtime is not None and runtime.state == "starting")):
+            if not self._failed:
+                log.error("worker %d (pid %d) %s: %s. %s: stopping (exit status 1), so that the service "
+                          "manager starts the new version", w.worker_id, pid, exited, INSTALLED_CHANGED,
+                          "No worker runs any more" if running == 0 else "The start fails")
+            self._failed = True
             self._stop.set()
             return
-        running = sum(1 for o in self.workers if o.given_up is None)
-        log.error("worker %d (pid %d) exited: %s. Not restarting it: %d of %d workers run until the "
-                  "service is restarted", w.worker_id, process.pid, CODE_CHANGED, running, len(self.workers))
-        say(f"cachegate: worker {w.worker_id} (pid {process.pid}) exited: the installed cachegate changed; "
-            "not restarting it", event="worker_code_changed", worker_id=w.worker_id, pid=process.pid,
-            code=EXIT_CODE_CHANGED)
+        log.error("worker %d (pid %d) %s: %s. Not restarting it: %d of %d workers run until the "
+                  "service is restarted", w.worker_id, pid, exited, INSTALLED_CHANGED, running,
+                  len(self.workers))
+        say(f"cachegate: worker {w.worker_id} (pid {pid}) {exited}: the installed cachegate changed; "
+            "not restarting it", event="worker_code_changed", worker_id=w.worker_id, pid=pid, code=code)
         if runtime is not None:
             gone = [str(o.worker_id) for o in self.workers if o.given_up is not None]
             which = f"worker{'s' if len(gone) > 1 else ''} {', '.join(gone)}"

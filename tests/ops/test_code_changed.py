@@ -1,7 +1,8 @@
 """cachegate installed over a running supervisor (``pip install .`` into the service's virtualenv):
 a worker started after that runs code that is not its supervisor's. It exits at once, saying so
-(``proxy.codeid``), the supervisor stops restarting it instead of crash-looping, and /healthz
-says degraded until the service is restarted."""
+(``proxy.codeid``); the supervisor does not even start it when the installed files no longer hash
+as its code (an older release has no check of its own), instead of crash-looping; /healthz says
+degraded until the service is restarted, and the supervisor stops (exit 1) when no worker is left."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from proxy.codeid import CHANGED, EXIT_CODE_CHANGED, identity
+from proxy.supervisor import INSTALLED_CHANGED
 from tests.harness import Origin
 from tests.storage.procs import ProxyProcess, write_config
 
@@ -24,49 +26,91 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 
 pytestmark = pytest.mark.slow
 
-# What the reviewer's new release did under the old supervisor, at the same place.
-PARSE = "    overrides = Overrides(**raw)\n"
-CRASH = "    raise TypeError(\"Overrides.__init__() got an unexpected keyword argument 'ports'\")\n"
+# What an older release installed over the running one (a rollback) does at the same place: it has
+# no code check of its own, and its argument parser refuses what this supervisor passes.
+CHECK = "    exit_if_changed(sys.argv[2:])\n"
+OLDER = ("    sys.stderr.write('supervisor.py: error: unrecognized arguments: --code-id\\n')\n"
+         "    raise SystemExit(2)\n")
 
 
-async def test_a_worker_restarted_after_an_upgrade_in_place_exits_once_and_is_not_restarted(
-        origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    origin.route("/k", body=b"k", headers={"Cache-Control": "max-age=300"})
+async def installed_over(proxy: ProxyProcess, code: Path) -> None:
+    """``pip install`` of an older release into the virtualenv the running supervisor runs from."""
+    await proxy.wait_for(lambda: len(proxy.workers) == 2 and bool(proxy.admin_url))
+    await proxy.wait_for(lambda: any("started:" in line for line in proxy.lines))
+    assert (await proxy.admin("GET", "/healthz")).status == 200
+    source = code / "proxy" / "supervisor.py"
+    text = source.read_text()
+    assert CHECK in text
+    source.write_text(text.replace(CHECK, OLDER))
+
+
+def copy_of_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     code = tmp_path / "site"  # the service's virtualenv: the package the supervisor runs from
     shutil.copytree(ROOT / "proxy", code / "proxy", ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setenv("PYTHONPATH", str(code))
+    return code
+
+
+async def test_a_worker_that_dies_after_an_install_in_place_is_not_restarted(
+        origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even an older release (a rollback), whose worker could not say that its code changed: the
+    supervisor hashes the installed code before it restarts a worker, and does not start it."""
+    origin.route("/k", body=b"k", headers={"Cache-Control": "max-age=300"})
+    code = copy_of_the_package(tmp_path, monkeypatch)
     proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, "cache: {disk: null}\n"))
     await proxy.start("--workers", "2", with_log=True)
     try:
-        await proxy.wait_for(lambda: len(proxy.workers) == 2 and bool(proxy.admin_url))
-        await proxy.wait_for(lambda: any("started:" in line for line in proxy.lines))
-        assert (await proxy.admin("GET", "/healthz")).status == 200
-        # The new release lands on disk; it cannot run under this supervisor.
-        source = code / "proxy" / "supervisor.py"
-        text = source.read_text()
-        assert PARSE in text
-        source.write_text(text.replace(PARSE, CRASH))
+        await installed_over(proxy, code)
         os.kill(proxy.workers[1], signal.SIGKILL)  # a crash, an OOM kill, a watchdog kill
         try:
             await proxy.wait_for(lambda: any("not restarting it" in line for line in proxy.lines), wait=8)
         except TimeoutError:
             raise AssertionError("still restarting it:\n" + "\n".join(proxy.lines)) from None
-        await asyncio.sleep(1.5)  # a restart would have come after 0.5 s, and died again
+        await asyncio.sleep(1.5)  # a restart would have come at once, and died again
         log = "\n".join(proxy.lines)
-        assert "TypeError" not in log, log
-        assert log.count("restarting in") == 1, log  # after the kill only
-        assert log.count("worker 1 started") == 2, log  # the first start and the one that exited
-        assert f"cachegate: worker 1: {CHANGED}" in log  # the worker's one line
-        errors = [line for line in proxy.lines if " ERROR " in line and CHANGED in line]
-        assert len(errors) == 1 and "Not restarting it" in errors[0], log  # the supervisor's, once
+        assert "unrecognized arguments" not in log and "restarting in" not in log, log
+        assert log.count("worker 1 started") == 1, log  # the first start only
+        errors = [line for line in proxy.lines if " ERROR " in line and INSTALLED_CHANGED in line]
+        assert len(errors) == 1, log  # the supervisor's, once
+        assert "worker 1 " in errors[0] and "exited with -9" in errors[0], log
+        assert "Not restarting it: 1 of 2 workers run" in errors[0], log
         reply = await proxy.admin("GET", "/healthz")
         assert reply.status == 503
         health = json.loads(reply.body)
         assert health["status"] == "degraded"
-        assert "1 of 2 workers run" in health["reason"] and "restart the service" in health["reason"]
+        assert health["reason"] == ("1 of 2 workers run: worker 1 cannot start because the installed "
+                                    "cachegate changed under the running supervisor; restart the service "
+                                    "to run the new version")
         assert (await proxy.get("/k")).status == 200  # worker 0 still serves
     finally:
         assert await proxy.stop() == 0
+
+
+async def test_the_supervisor_stops_when_no_worker_runs_after_an_install_in_place(
+        origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every worker died after an install in place: a supervisor that serves nothing stops, with
+    exit status 1 and one line, so that the service manager (Restart=on-failure) starts the new
+    version; it stayed up for ever, every client's connection refused."""
+    code = copy_of_the_package(tmp_path, monkeypatch)
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, "cache: {disk: null}\n"))
+    await proxy.start("--workers", "2", with_log=True)
+    try:
+        await installed_over(proxy, code)
+        pids = dict(proxy.workers)
+        os.kill(pids[1], signal.SIGKILL)
+        await proxy.wait_for(lambda: any("not restarting it" in line for line in proxy.lines), wait=8)
+        os.kill(pids[0], signal.SIGKILL)
+        assert proxy.process is not None
+        assert await asyncio.wait_for(proxy.process.wait(), 10) == 1
+    finally:
+        await proxy.kill()
+    log = "\n".join(proxy.lines)
+    errors = [line for line in proxy.lines if " ERROR " in line and INSTALLED_CHANGED in line]
+    assert len(errors) == 2, log  # worker 1 not restarted; then worker 0, and the stop
+    assert f"worker 0 (pid {pids[0]}) exited with -9: {INSTALLED_CHANGED}. No worker runs any more: " \
+           "stopping (exit status 1), so that the service manager starts the new version" in errors[1], log
+    assert "restarting in" not in log and log.count(" started (pid") == 2, log
+    assert "cachegate: stopped" in log
 
 
 def test_a_worker_whose_supervisor_runs_other_code_exits_before_it_reads_its_arguments(
@@ -109,5 +153,6 @@ async def test_a_worker_whose_code_differs_during_the_start_up_fails_the_start_o
     assert proxy.process is not None
     assert await proxy.stop() == 1
     log = "\n".join(proxy.lines)
-    assert len([line for line in proxy.lines if " ERROR " in line and CHANGED in line]) == 1, log
+    errors = [line for line in proxy.lines if " ERROR " in line and INSTALLED_CHANGED in line]
+    assert len(errors) == 1 and "The start fails: stopping (exit status 1)" in errors[0], log
     assert "restarting" not in log and "did not start in time" not in log, log
