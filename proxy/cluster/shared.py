@@ -88,12 +88,15 @@ SETTLE = 10.0  # seconds without a failure before the shared tier is logged as w
 BACK_OFF = 1.0  # seconds lookups skip the shared tier after one got no answer from Redis
 
 # The variants of a key still indexed (KEY in every set its field names), as pairs of body
-# id and record; the others are deleted (their body expires by its TTL).
+# id and record, and how many fields were of another layout (no list of sets between the body
+# id and the record: written by a node of a build older than that list); the others are deleted
+# (their body expires by its TTL).
 INDEXED = """
 local function indexed(base, key)
   local m = base .. 'm:' .. key
   local meta = redis.call('HGETALL', m)
   local kept = {}
+  local foreign = 0
   for i = 2, #meta, 2 do
     local v = meta[i]
     local a = string.find(v, '\\n', 1, true)
@@ -102,11 +105,14 @@ local function indexed(base, key)
     if b then
       local ok, sets = pcall(cjson.decode, string.sub(v, a + 1, b - 1))
       whole = ok and type(sets) == 'table'
+      if not whole then foreign = foreign + 1 end
       if whole then
         for _, set in ipairs(sets) do
           if redis.call('SISMEMBER', base .. set, key) == 0 then whole = false break end
         end
       end
+    else
+      foreign = foreign + 1
     end
     if whole then
       table.insert(kept, {string.sub(v, 1, a - 1), string.sub(v, b + 1)})
@@ -114,7 +120,7 @@ local function indexed(base, key)
       redis.call('HDEL', m, meta[i - 1])
     end
   end
-  return kept
+  return kept, foreign
 end
 """
 # The current generation (KEYS[1] of every script): a new random one (``fresh``) when the key
@@ -130,13 +136,19 @@ local function generation(key, fresh)
 end
 """
 # KEYS: gen, purges, fence. ARGV: l2 prefix, key, try lock (0/1), lock ms, lock only (0/1),
-# the purge counter's start if it is missing, a new generation if there is none.
+# the purge counter's start if it is missing, a new generation if there is none. The answer:
+# its kind, the count of fields of another layout it deleted (``INDEXED``), then what the kind
+# carries.
 LOOKUP = INDEXED + GENERATION + """
 local g = generation(KEYS[1], ARGV[7])
 local base = ARGV[1] .. ':' .. g .. ':'
-local out = {'found'}
+local foreign = 0
+local out = {'found', 0}
 if ARGV[5] ~= '1' then
-  for _, v in ipairs(indexed(base, ARGV[2])) do
+  local kept
+  kept, foreign = indexed(base, ARGV[2])
+  out[2] = foreign
+  for _, v in ipairs(kept) do
     local body = redis.call('GET', base .. 'b:' .. v[1])
     if body then
       table.insert(out, v[2])
@@ -144,15 +156,15 @@ if ARGV[5] ~= '1' then
     end
   end
 end
-if #out > 1 then return out end
-if ARGV[3] ~= '1' then return {'miss'} end
+if #out > 2 then return out end
+if ARGV[3] ~= '1' then return {'miss', foreign} end
 local lock = ARGV[1] .. ':lock:' .. ARGV[2]
 local token = redis.call('INCR', KEYS[3])
 if redis.call('SET', lock, token, 'NX', 'PX', ARGV[4]) then
   if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SET', KEYS[2], ARGV[6]) end
-  return {'locked', token, redis.call('GET', KEYS[2])}
+  return {'locked', foreign, token, redis.call('GET', KEYS[2])}
 end
-return {'busy', redis.call('PTTL', lock), redis.call('GET', lock) or '0'}
+return {'busy', foreign, redis.call('PTTL', lock), redis.call('GET', lock) or '0'}
 """
 # KEYS: gen, purges. ARGV: l2 prefix, key, field, body id, record, body, ttl ms, token,
 # purges at lock time, the sets' names (u:..., h:..., t:...) as a JSON list, a new generation
@@ -289,7 +301,8 @@ class SharedTier:
         self._quiet_until = 0.0
         self.counts: dict[str, int] = dict.fromkeys(
             ("hit", "miss", "locked", "contended", "woken", "wait_timeout", "written", "write_voided",
-             "too_large", "error", "skipped", "dead_subscriptions", "released_unheard"), 0)
+             "too_large", "error", "skipped", "dead_subscriptions", "released_unheard", "foreign_layout"), 0)
+        self._said_foreign = False  # whether ``_foreign_layout`` warned (once per process)
         self._failures = RepeatedFailure(log, "cluster: the shared tier", settle=SETTLE, traceback=False,
                                          level=logging.WARNING)
 
@@ -331,13 +344,15 @@ class SharedTier:
             self._failed("lookup", key, ValueError(f"unreadable answer from Redis: {exc}"))
             with contextlib.suppress(*UNREADABLE):
                 if bytes(answer[0]) == b"locked":
-                    await self.release(key, Locked(int(answer[1]), 0), "failed")
+                    await self.release(key, Locked(int(answer[2]), 0), "failed")
             return None
         self._failures.succeeded()
         return result
 
     def _lookup_answer(self, key: str, answer: Any) -> Lookup:
         kind = answer[0].decode()
+        self._foreign_layout(int(answer[1]))
+        answer = answer[1:]  # (what the kind carries from answer[1] on, as before the count)
         if kind == "found":
             variants = []
             for record, body in zip(answer[1::2], answer[2::2], strict=True):
@@ -366,6 +381,20 @@ class SharedTier:
         if event:
             self.counts[event] += 1
         return result
+
+    def _foreign_layout(self, dropped: int) -> None:
+        """Count the records of another layout a lookup deleted (``INDEXED``), and say it once:
+        nodes of a build older than the list of index sets in each record share the cluster, and
+        this node deletes what they write, where they cannot read what it writes."""
+        if dropped <= 0:
+            return
+        self.counts["foreign_layout"] += dropped
+        if not self._said_foreign:
+            self._said_foreign = True
+            log.warning("cluster: the shared tier holds entries written by a node of an older cachegate (a "
+                        "record without its index sets): deleted; that node and this one share nothing "
+                        "through the shared tier until it is upgraded (docs/cluster.md, Upgrades); counted "
+                        "in cachegate_cluster_shared_total{event=\"foreign_layout\"}, said once")
 
     async def wait_filled(self, key: str, wait: float, holder: int = 0) -> str | None:
         """Wait until another node releases the key's fill lock: its outcome ("stored",

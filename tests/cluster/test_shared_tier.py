@@ -16,7 +16,7 @@ from proxy.cluster.fills import Contended, Found, Locked
 from proxy.cluster.settings import ClusterSettings
 from proxy.cluster.shared import SharedTier, shared_ttl
 from proxy.purge import PurgeSpec
-from proxy.storage.entry import Entry, entry_from_json
+from proxy.storage.entry import Entry, encode_variants, entry_from_json
 from tests.cluster.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -306,3 +306,32 @@ async def test_a_release_heard_before_its_waiter_registered_still_wakes_it(share
     finally:
         await a.close()
         await b.close()
+
+
+async def test_records_of_an_older_layout_are_counted_and_said_once(
+        shared_redis: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    """A node of a build older than the index sets in each record writes ``BODY_ID\\nRECORD``: a
+    lookup here deletes it (it could never be purged through the sets), which used to say nothing
+    while the two nodes shared nothing. Now each such record is counted, and said once."""
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    tier = tier_on(shared_redis, ns)
+    caplog.set_level(logging.INFO, "cachegate.cluster.shared")
+    try:
+        await fill(tier, HOT, b"hot")
+        base = f"{ns}:l2:{await generation(tier)}"
+        for i in range(2):  # as the older node's WRITE left them
+            key, now = f"{SITE}/old/{i}", time.time()
+            old = entry(key, b"old", now)
+            await tier._redis.hset(f"{base}:m:{key}", "[]", old.body_id.encode() + b"\n" + encode_variants((old,)))
+            await tier._redis.set(f"{base}:b:{old.body_id}", b"old")
+        assert isinstance(await tier.lookup(f"{SITE}/old/0", 5.0), Locked)  # a miss, as before
+        assert await bodies(tier, f"{SITE}/old/1") == set()
+        assert await tier._redis.exists(f"{base}:m:{SITE}/old/0", f"{base}:m:{SITE}/old/1") == 0
+        assert await bodies(tier, HOT) == {b"hot"}  # (this layout's: not counted)
+        assert tier.counts["foreign_layout"] == 2 and tier.counts["error"] == 0
+        logged = [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.WARNING]
+        assert len(logged) == 1, logged
+        assert "written by a node of an older cachegate" in logged[0]
+        assert 'event="foreign_layout"' in logged[0] and "/old/" not in logged[0]
+    finally:
+        await tier.close()
