@@ -169,9 +169,12 @@ def test_ctrl_c_while_a_source_is_read_ends_with_130_and_the_summary(
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     name = "-" if source == "stdin" else str(fifo)
+    # Ctrl-C's SIGINT as a terminal gives it: an ignored SIGINT is inherited, and the test
+    # process may have one ignored (a full run's earlier test left it so: warm then never ended).
     proc = subprocess.Popen([sys.executable, "-m", "proxy", "warm", "--progress", "none", "--proxy", origin.url,
                              "--urls", name], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     writer = -1
     try:
         if source == "fifo whose writer stalls":
@@ -186,7 +189,7 @@ def test_ctrl_c_while_a_source_is_read_ends_with_130_and_the_summary(
             os.close(writer)
         if proc.returncode is None:
             proc.kill()
-            proc.wait()
+            proc.communicate()  # (its pipes closed, not left to the next test's collector)
     assert proc.returncode == 130, (proc.returncode, out, err)
     assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, err
     assert out.startswith(b"cachegate warm: 0 of 0 requests in "), out
