@@ -406,6 +406,25 @@ _SPARE = " AND NOT (key >= 'm:' AND key < 'm;' AND store_time > ? AND store_time
 _STAMPED = frozenset({"store_time", "access_time"})
 _AHEAD = " AND {order} > ?"
 _NOT_AHEAD = " AND {order} <= ?"
+IN_LIST_MAX = 500  # values in one statement's IN (...) at most: callers send longer lists in parts
+
+
+def in_list(values: Sequence[T]) -> tuple[str, list[T]]:
+    """The placeholders of an ``IN (...)`` for ``values`` (1 to IN_LIST_MAX of them) and the
+    values to bind: the count rounded up to a power of two (or IN_LIST_MAX), the last value
+    repeated (a value twice in an IN list changes nothing).
+
+    Why: Python's sqlite3 keeps the last 128 statements of each connection prepared, keyed by
+    their text, and an IN list of 500 values costs SQLite about 100 KB prepared. With one text
+    per list length, the supervisor's connections (a shard's per thread, the index's) each
+    filled their cache with such statements: its memory grew by tens of MB under a load of
+    new keys (the cull, the index GC's presence checks), and kept it. Now each place has at
+    most 10 texts."""
+    n = len(values)
+    size = min(IN_LIST_MAX, 1 << (n - 1).bit_length()) if n > 1 else 1
+    return ",".join("?" * size), [*values, *[values[-1]] * (size - n)]
+
+
 _BODY_ROWS = "SELECT rowid, filename FROM Cache WHERE raw = 1 AND key IN ({})"
 ROW_OVERHEAD = 100  # bytes a row costs in the database besides its key and value (columns, indexes)
 META_COST = 200  # about what an entry's metadata value takes (its head fields, one variant)
@@ -511,15 +530,15 @@ def _evict(shard: diskcache.Cache, over: int, keep: frozenset[str], keep_body: s
                     break
     finally:
         scanned.close()
-    for start in range(0, len(named), 500):
-        names = named[start:start + 500]
-        for rowid, filename in sql(_BODY_ROWS.format(",".join("?" * len(names))), names).fetchall():
+    for start in range(0, len(named), IN_LIST_MAX):
+        marks, names = in_list(named[start:start + IN_LIST_MAX])
+        for rowid, filename in sql(_BODY_ROWS.format(marks), names).fetchall():
             rowids.append(rowid)
             if filename is not None:
                 files.append(filename)
-    for start in range(0, len(rowids), 500):
-        part = rowids[start:start + 500]
-        sql(f"DELETE FROM Cache WHERE rowid IN ({','.join('?' * len(part))})", part)
+    for start in range(0, len(rowids), IN_LIST_MAX):
+        marks, part = in_list(rowids[start:start + IN_LIST_MAX])
+        sql(f"DELETE FROM Cache WHERE rowid IN ({marks})", part)
     for f in files:
         shard.disk.remove(f)  # (held until the COMMIT: ``_transaction``)
     return freed
@@ -1207,8 +1226,8 @@ class DiskTier:
             execute = self._shards[index]._sql
             try:
                 for i in range(0, len(shard_names), PRESENT_CHUNK):
-                    part = shard_names[i:i + PRESENT_CHUNK]
-                    rows = execute(_PRESENT.format(",".join("?" * len(part))), (now, *part))
+                    marks, part = in_list(shard_names[i:i + PRESENT_CHUNK])
+                    rows = execute(_PRESENT.format(marks), (now, *part))
                     found.update(row[0][2:] for row in rows)
             except sqlite3.Error as exc:
                 if not self.noticed(index, exc):
@@ -1867,10 +1886,9 @@ class DiskTier:
             for _, value in bodies:
                 if hasattr(value, "close"):
                     value.close()
-        names = [name] + [b for b, _ in bodies]
+        marks, names = in_list([name] + [b for b, _ in bodies])
         target._sql(f"UPDATE Cache SET store_time = ?, access_time = ?, access_count = ?"
-                    f" WHERE raw = 1 AND key IN ({','.join('?' * len(names))})",
-                    (stored, accessed, uses, *names))
+                    f" WHERE raw = 1 AND key IN ({marks})", (stored, accessed, uses, *names))
         return True
 
     def sweep_intents(self, intents: list[tuple[str, str]]) -> int:

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from proxy.room import FilesystemFull, NoRoomToConvert, NotWritable, filesystem_full, human_size
-from proxy.storage.disk import damaged, not_writable, set_aside
+from proxy.storage.disk import IN_LIST_MAX, damaged, in_list, not_writable, set_aside
 
 log = logging.getLogger("cachegate.storage")
 
@@ -484,9 +484,9 @@ class UrlTagIndex:
         """Those of ``keys`` the index lists (a disk relayout moves only entries a purge finds)."""
         found: set[str] = set()
         db = self._db()
-        for start in range(0, len(keys), 500):
-            part = keys[start:start + 500]
-            rows = db.execute(f"SELECT key FROM entries WHERE key IN ({','.join('?' * len(part))})", part)
+        for start in range(0, len(keys), IN_LIST_MAX):
+            marks, part = in_list(keys[start:start + IN_LIST_MAX])
+            rows = db.execute(f"SELECT key FROM entries WHERE key IN ({marks})", part)
             found.update(r[0] for r in rows)
         return found
 
