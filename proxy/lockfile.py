@@ -37,9 +37,13 @@ class LockTaken(Exception):
 class HeldLock:
     """An exclusive ``flock`` on ``path``, held until ``release`` (or the process ends)."""
 
-    def __init__(self, path: str, *, unlink: bool = False) -> None:
+    def __init__(self, path: str, *, unlink: bool = False, write_pid: bool = True) -> None:
         self.path = path
         self.unlink = unlink  # remove the file on release (see the module docstring)
+        # ``write_pid`` False: the file is never written, so that its state (``found``) changes
+        # only when another program takes the lock and writes its pid (a cache directory's
+        # owner, ``proxy.storage.disk.unknown_writer``, names its pid elsewhere).
+        self.write_pid = write_pid
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
@@ -54,9 +58,11 @@ class HeldLock:
                 os.close(fd)
                 raise
             os.close(fd)  # locked a file its holder removed on release: the path has another now
-        with contextlib.suppress(OSError):  # best-effort (a full disk): the flock is the lock
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.found = _state(fd)  # the file as the holders before left it
+        if write_pid:
+            with contextlib.suppress(OSError):  # best-effort (a full disk): the flock is the lock
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd: int | None = fd
 
     def release(self) -> None:
@@ -65,8 +71,9 @@ class HeldLock:
             if self.unlink:
                 with contextlib.suppress(OSError):
                     os.unlink(self.path)  # still holding it: a taker checks the file is the path's
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)  # a holder that is gone names no pid
+            if self.write_pid:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)  # a holder that is gone names no pid
             os.close(fd)  # closing the only descriptor drops the flock
 
 
@@ -77,6 +84,16 @@ def _same_file(fd: int, path: str) -> bool:
         return False
     held = os.fstat(fd)
     return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _state(fd: int) -> list[int] | None:
+    """A file's identity and last write: inode, size, modification time (ns). (Not the change
+    time: a chown or chmod of the directory, as an operator mends its permissions, is none.)"""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
 
 
 def _read_pid(fd: int) -> int | None:

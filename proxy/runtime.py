@@ -42,15 +42,19 @@ from proxy.storage.disk import (
     ORPHAN_AGE,
     DiskTier,
     foreign_placement,
+    forget_scheme,
     mark_moving,
+    mark_running,
     note_budget,
     opened_with,
     record_scheme,
     recorded_scheme,
     recorded_shards,
+    running_pid,
     shard_folders,
     stamp_matches,
     stamp_stop,
+    unknown_writer,
     wal_limit,
 )
 from proxy.storage.failures import SETTLE
@@ -70,7 +74,10 @@ MAX_HOSTS_SEEN = 10_000
 # Seconds the last commit to disk at a stop has even when the grace period is spent: a disk
 # that is not busy commits the last 200 ms of fills in far less (``Runtime.close``).
 LAST_FLUSH_MIN = 1.0
-OWNER_LOCK = ".lock"  # in the cache directory; holds the owner's pid
+# In the cache directory; never written (the owner's pid is in the mark of its run,
+# ``disk.mark_running``): earlier releases write their pid into it, which tells the owner's start
+# that another program held the directory since (``disk.unknown_writer``).
+OWNER_LOCK = ".lock"
 
 
 class CacheDirectoryUnusable(Exception):
@@ -98,9 +105,21 @@ def lock_cache_directory(settings: Settings) -> HeldLock | None:
         return None
     os.makedirs(disk.path, exist_ok=True)
     try:
-        return HeldLock(os.path.join(disk.path, OWNER_LOCK))
-    except LockTaken as exc:
-        raise CacheDirectoryInUse(disk.path, exc.holder) from None
+        return HeldLock(os.path.join(disk.path, OWNER_LOCK), write_pid=False)
+    except LockTaken as exc:  # (ours in the mark of its run; an earlier release's in the file)
+        pid = running_pid(disk.path)
+        holder = f"pid {pid}" if pid is not None and _alive(pid) else exc.holder
+        raise CacheDirectoryInUse(disk.path, holder) from None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # (another user's)
+        return True
+    return True
 
 
 def open_access_log(settings: Settings, metrics: Metrics | None = None,
@@ -123,26 +142,45 @@ def error_log_json(settings: Settings) -> bool:
     return settings.access_log is not None and settings.access_log.format == "json"
 
 
-def _foreign_writes(path: str) -> tuple[str | None, int | None]:
-    """The owner, at start, before it opens a database of the cache directory: why another
+def _foreign_writes(path: str, lock: HeldLock | None) -> tuple[str | None, str | None]:
+    """The owner, at start, before it writes anything in the cache directory: why another
     program with another shard count wrote the directory since this release last stopped there
     (``disk.foreign_placement``, looked for only when the stamp of that stop does not match,
-    ``disk.stamp_matches``), and the key scheme its entries were stored under (None: no record, an
-    index of this scheme). An index that needs conversion is of the scheme before the record:
-    noted as such before it is converted, so that a start killed after the conversion still
-    empties the entries."""
+    ``disk.stamp_matches``), and why its entries may have been stored under other rules than this
+    release's key scheme (None: they were not). The record of the scheme is trusted only when
+    the stamp shows no other program wrote the directory since our last run
+    (``disk.unknown_writer``, by the owner's ``lock`` file, which every earlier release writes
+    its pid into): a release that knows neither the record nor the stamp leaves them as they were.
+    An index that needs conversion is of scheme 1: noted as such before it is converted; a
+    record the stamp does not vouch for is removed before this run is marked
+    (``disk.mark_running``): a start killed after either still empties the entries."""
     foreign = None if stamp_matches(path) else foreign_placement(path)
     scheme = recorded_scheme(path)
     if scheme is None and of_earlier_release(os.path.join(path, "index.sqlite3")):
-        scheme = KEY_SCHEME - 1
+        scheme = 1  # (the releases whose index needs converting: ``disk.KEY_SCHEME``)
         record_scheme(path, scheme)
-    return foreign, scheme
+    writer = unknown_writer(path, lock.found if lock is not None else None)
+    why = None
+    if scheme is None:
+        why = (f"entries with no record of the key scheme they were stored under (an earlier "
+               f"release's, which wrote none; this release's is {KEY_SCHEME})")
+    elif scheme != KEY_SCHEME:
+        why = (f"entries stored by an earlier release, whose keys, Vary matching and rules of what "
+               f"may be stored follow other rules (key scheme {scheme}, this release's {KEY_SCHEME})")
+    elif writer is not None:
+        why = (f"entries written since this release last ran there by another program or another "
+               f"build ({writer}): the key scheme they were stored under is not known")
+        forget_scheme(path)
+    mark_running(path, lock.found if lock is not None else None)
+    return foreign, why
 
 
-def open_storage(settings: Settings, *, arena_fd: int | None = None, processes: int = 1) -> Storage:
+def open_storage(settings: Settings, *, arena_fd: int | None = None, processes: int = 1,
+                 lock: HeldLock | None = None) -> Storage:
     """The store of one process. The owner of the cache directory makes the machine's shared
     memory (``processes`` serving processes take their decoded caches out of ``cache.memory``);
-    a worker attaches to it (``arena_fd``, inherited from its supervisor)."""
+    a worker attaches to it (``arena_fd``, inherited from its supervisor). ``lock``: the owner's
+    on the cache directory (``lock_cache_directory``)."""
     c = settings.cache
     try:
         if arena_fd is not None:
@@ -160,10 +198,10 @@ def open_storage(settings: Settings, *, arena_fd: int | None = None, processes: 
         # without it; the index first, since losing it empties the disk tier too.
         repair = arena_fd is None
         foreign: str | None = None
-        scheme: int | None = None
+        unknown_keys: str | None = None
         if repair:  # before the databases: on a full filesystem they may need that room
             empty_dead_spools(os.path.join(c.disk.path, SPOOLS))
-            foreign, scheme = _foreign_writes(c.disk.path)
+            foreign, unknown_keys = _foreign_writes(c.disk.path, lock)
             note_budget(c.disk.path, shard_budget(c.disk.size, c.disk.shards))  # (before the shards)
         index = UrlTagIndex(c.disk.path, wal_limit(c.disk.size), repair=repair)
         recorded = recorded_shards(c.disk.path)
@@ -177,7 +215,7 @@ def open_storage(settings: Settings, *, arena_fd: int | None = None, processes: 
         # An index missing, or older than the shards, lists none of the entries past it: they
         # would be served unlisted and escape purges. Emptied, as for a damaged index.
         why = index.unlisted(disk.high_seq(), disk.has_entries()) if repair and not index.recreated else None
-        old_keys = scheme is not None and scheme != KEY_SCHEME and not index.recreated
+        old_keys = unknown_keys is not None and not index.recreated
         if why is not None:
             log.warning("cache index %s does not list every entry of the disk tier (%s): the disk "
                         "tier is emptied (its entries are misses)", index.file, why)
@@ -190,11 +228,10 @@ def open_storage(settings: Settings, *, arena_fd: int | None = None, processes: 
                         c.disk.path, foreign)
         elif old_keys and (disk.has_entries()
                            or any(i >= c.disk.shards for i in shard_folders(c.disk.path))):
-            log.warning("the cache directory %s holds entries stored by an earlier release, whose "
-                        "keys and Vary matching follow other rules (key scheme %d, this release's "
-                        "%d): the disk tier is emptied (its entries are misses), so that no "
-                        "response is served to a request those rules told apart",
-                        c.disk.path, scheme, KEY_SCHEME)
+            log.warning("the cache directory %s holds %s: the disk tier is emptied (its entries "
+                        "are misses), so that no response is served to a request this release's "
+                        "rules tell apart from the one that stored it, or would not store",
+                        c.disk.path, unknown_keys)
         if why is not None or (foreign is not None and not index.recreated) or old_keys:
             disk.close()
             index.clear()
@@ -338,7 +375,7 @@ class Runtime:
         lock: HeldLock | None = None
         try:
             lock = lock_cache_directory(settings) if owner else None
-            storage = open_storage(settings, arena_fd=arena_fd, processes=processes)
+            storage = open_storage(settings, arena_fd=arena_fd, processes=processes, lock=lock)
         except BaseException as exc:
             if lock is not None:
                 lock.release()
@@ -478,10 +515,11 @@ class Runtime:
                             "deadline (a shard's lock held by another program, a slow or full disk); they "
                             "are misses after the restart, as after a kill", left)
         self.storage.close()
+        lock = self._owner_lock
         if self.owner and self.storage.disk is not None:  # (``disk.stamp_matches`` at the next start)
-            stamp_stop(self.storage.disk.path)
-        if self._owner_lock is not None:  # after the store: nothing of ours writes there any more
-            self._owner_lock.release()
+            stamp_stop(self.storage.disk.path, lock.found if lock is not None else None)
+        if lock is not None:  # after the store: nothing of ours writes there any more
+            lock.release()
             self._owner_lock = None
         if self.access_log is not None:
             self.access_log.close()

@@ -15,7 +15,8 @@ atomic), and a purge batch is one transaction per shard.
 The count is recorded in ``<path>/shards``; a start with another count moves the entries
 whose shard changed first (``DiskTier.relayout``). A directory another program wrote since our
 last clean stop (``STAMP_FILE``) has its placement checked (``foreign_placement``); the key scheme
-its entries were stored under is recorded in ``<path>/keys`` (``KEY_SCHEME``).
+its entries were stored under is recorded in ``<path>/keys`` (``KEY_SCHEME``), trusted only when
+the stamp shows no other program wrote the directory since our last run (``unknown_writer``).
 
 Records in a shard:
 
@@ -749,24 +750,35 @@ def record_shards(path: str, count: int) -> None:
     _write_whole(os.path.join(path, LAYOUT_FILE), f"{count}\n")
 
 
-# Written by the owner at a clean stop (``stamp_stop``): the size and modification time of every
-# database file of the directory then. Compared at the owner's next start before anything is
-# opened (``stamp_matches``): when the files are as it says, no other program wrote them since and the layout
-# record is trusted; otherwise (another writer, or a kill: no stamp) the placement of the entries
-# is checked (``foreign_placement``). Why: an earlier release, which knows neither the record nor
-# this stamp, run on the directory with another cache.disk.shards, looked keys up in other shards
-# than ours: its purges missed entries (its bans swept the wrong shards and were dropped) and its
-# fills went where we never look, and our next start, trusting the record, served what it had
-# purged.
+# Written by the owner at a clean stop (``stamp_stop``): this release's ``KEY_SCHEME`` and the size
+# and modification time of every database file of the directory then, and the state of the owner's
+# lock file; replaced at the owner's start, before it writes anything, by a mark of its run
+# (``mark_running``: the scheme, its pid and the lock file's state once it wrote its pid there).
+# Compared at the owner's next start before anything is opened (``stamp_matches``): when the files
+# are as it says, no other program wrote them since and the layout record is trusted; otherwise
+# (another writer, or a kill: the run's mark) the placement of the entries is checked
+# (``foreign_placement``). Why: an earlier release, which knows neither the record nor this stamp,
+# run on the directory with another cache.disk.shards, looked keys up in other shards than ours:
+# its purges missed entries (its bans swept the wrong shards and were dropped) and its fills went
+# where we never look, and our next start, trusting the record, served what it had purged. The
+# key scheme record is trusted only on the same grounds (``unknown_writer``): an earlier release
+# never rewrites a record it does not know, so what it stored (under its own rules) sat under
+# ours.
 STAMP_FILE = "stopped"
-# The key scheme the entries were stored under (``KEY_SCHEME``): the rules that make a request's
-# key and Vary values. Bumped whenever those rules change, so that an entry stored under the old
-# rules is never served to a request the new rules keep apart from the one that stored it.
+# The key scheme the entries were stored under (``KEY_SCHEME``): the rules that decide what may be
+# stored under a request's key (the key and Vary values, and what a response must not be stored
+# for, such as a request the rules cannot tell to be anonymous). Every fix that changes what may
+# be stored under a key bumps it, so that an entry stored under the old rules is never served to
+# a request the new rules keep apart from the one that stored it (or would not have stored).
 SCHEME_FILE = "keys"
-# 2: Accept-* values normalised in whitespace only (never order, case or weights), cookies read as
-# origins read them (an absent cookie is not an empty one). 1: before those (the releases whose
-# index needs conversion). A directory with no record and a current index is of scheme 2.
-KEY_SCHEME = 2
+# 3: cookies read as ambiguous (never stored, never served from the shared cache) when an origin
+# may read them otherwise than the rules: a name in another case, a value with % or +, a raw
+# 0xA0/0x85 byte before a name. 2: Accept-* values normalised in whitespace only (never order,
+# case or weights), cookies read as origins read them (an absent cookie is not an empty one); the
+# first releases with the record (and, with no record but a current index, the releases between
+# the index change and the record). 1: before those (the releases whose index needs conversion).
+# A directory with no record is of an earlier scheme: its disk tier is emptied.
+KEY_SCHEME = 3
 # The shard budget our last start opened the shards with, and while a start opens them, the one
 # before beside it, one a line (``note_budget``, then ``opened_with``). diskcache writes the budget into each
 # shard as it opens it, so a start that failed or was killed midway after a change of
@@ -803,22 +815,49 @@ def _write_whole(file: str, text: str) -> None:
     os.replace(file + ".tmp", file)
 
 
-def stamp_stop(path: str) -> None:
+def _read_stamp(path: str) -> dict[str, Any] | None:
+    """The stamp (``STAMP_FILE``) as written (None: none, unreadable, or not an object)."""
+    try:
+        with open(os.path.join(path, STAMP_FILE), encoding="ascii") as f:
+            noted = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return noted if isinstance(noted, dict) else None
+
+
+def stamp_stop(path: str, lock: list[int] | None) -> None:
     """The owner, at a clean stop, with its databases closed: note their state (``STAMP_FILE``).
     Each database's
     write-ahead log is folded in and emptied first: connections other threads of this process
     still hold (a single process's readers) close at its exit, and the last one folded what was
     left into the database then, after the stamp, which then never matched (one run in three).
     A database another process holds a read open on is not waited for (50 ms: a backup's reader
-    held a stop 9 s at 1 s a database): its stamp does not match, and the next start scans."""
+    held a stop 9 s at 1 s a database): its stamp does not match, and the next start scans.
+    ``lock``: the state of the owner's lock file (``HeldLock.found``; the owner never writes it)."""
     for name in ["index.sqlite3", *(f"{i:03d}/cache.db" for i in shard_folders(path))]:
         with contextlib.suppress(sqlite3.Error), \
                 contextlib.closing(sqlite3.connect(os.path.join(path, name), timeout=0.05)) as db:
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     try:
-        _write_whole(os.path.join(path, STAMP_FILE), json.dumps(_files_state(path), sort_keys=True) + "\n")
-    except OSError as exc:  # (the next start checks the placement: one scan)
+        _write_whole(os.path.join(path, STAMP_FILE),
+                     json.dumps({"scheme": KEY_SCHEME, "files": _files_state(path), "lock": lock},
+                                sort_keys=True) + "\n")
+    except OSError as exc:  # (the mark of the run stays: the next start checks the placement)
         log.warning("cannot note the state of the cache directory %s at stop (%s)", path, exc)
+
+
+def mark_running(path: str, lock: list[int] | None) -> None:
+    """The owner, at start, once it has checked the stamp and before it writes anything: replace
+    the stamp by the mark of this run (``STAMP_FILE``: this release's scheme, its pid, which a
+    second instance's refusal names, and ``lock``, the state of the owner's lock file:
+    ``HeldLock.found``), so that a stamp of a clean stop is never left to a run that changes the
+    files. Its clean stop writes the stamp again; a kill, or a start that fails, leaves the mark
+    (``unknown_writer``). Not written (a full filesystem): the stamp before stays, which notes
+    the same lock file, and the files' own open says why it cannot go on."""
+    with contextlib.suppress(OSError):
+        _write_whole(os.path.join(path, STAMP_FILE),
+                     json.dumps({"scheme": KEY_SCHEME, "running": os.getpid(), "lock": lock},
+                                sort_keys=True) + "\n")
 
 
 def _our_budgets(path: str) -> set[int]:
@@ -850,17 +889,43 @@ def note_budget(path: str, budget: int) -> None:
 
 
 def stamp_matches(path: str) -> bool:
-    """The owner, at start, before it opens anything: whether the databases are as its last clean
-    stop left them (``stamp_stop``), so no other program wrote them since. Left in place: the
-    run that follows writes the files (the index at its open already), so a kill leaves a stamp
-    that no longer matches, and the next start checks; a start killed before it wrote anything
-    left the files as the stamp says."""
-    try:
-        with open(os.path.join(path, STAMP_FILE), encoding="ascii") as f:
-            noted = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return bool(noted == _files_state(path))
+    """The owner, at start, before it opens anything: whether the databases are as a clean stop
+    of this release left them (``stamp_stop``), so no other program wrote them since. (After a
+    kill, the mark of the run is there instead: ``mark_running``.)"""
+    noted = _read_stamp(path)
+    return (noted is not None and noted.get("scheme") == KEY_SCHEME
+            and noted.get("files") == _files_state(path))
+
+
+def running_pid(path: str) -> int | None:
+    """The pid the mark of a run names (``mark_running``; None: no mark)."""
+    noted = _read_stamp(path)
+    pid = noted.get("running") if noted is not None else None
+    return pid if isinstance(pid, int) and pid > 0 else None
+
+
+def unknown_writer(path: str, lock: list[int] | None) -> str | None:
+    """The owner, at start, before it writes anything: why a program other than a run of this
+    release may have written the cache directory since our last run (None: the stamp, of a clean
+    stop of this release or the mark of a run of it that was killed or failed, notes the owner's
+    lock file as ``lock`` says the owner found it, ``HeldLock.found``). The owner never writes
+    that file; every release since before the index change writes its pid into it when it takes
+    the lock, so another one run since changed it; a kill, a damaged database or a backup's
+    reader does not. Then what the directory's entries were stored under is not known: a
+    release that knows neither the stamp nor the key scheme record leaves both as they were,
+    whatever it stores."""
+    noted = _read_stamp(path)
+    if noted is None:
+        exists = os.path.exists(os.path.join(path, STAMP_FILE))
+        return "its stamp cannot be read" if exists else "no stamp of a run of this release"
+    if noted.get("scheme") != KEY_SCHEME:
+        scheme = noted.get("scheme")
+        if isinstance(scheme, int):
+            return f"the stamp of a release of key scheme {scheme}"
+        return f"the stamp of an earlier release (key scheme {KEY_SCHEME - 1} or before)"
+    if noted.get("lock") != lock:
+        return "another program took the owner's lock since this release last ran there"
+    return None
 
 
 def foreign_placement(path: str) -> str | None:
@@ -932,6 +997,15 @@ def record_scheme(path: str, scheme: int) -> None:
         _write_whole(os.path.join(path, SCHEME_FILE), f"{scheme}\n")
     except OSError as exc:
         log.warning("cannot record the key scheme of the cache directory %s (%s)", path, exc)
+
+
+def forget_scheme(path: str) -> None:
+    """Remove the key scheme record (a directory with none is emptied at start): the owner, at
+    start, before it marks its run (``mark_running``), when the stamp does not vouch for the
+    record (``unknown_writer``), so that a start killed before it emptied the disk tier still
+    leaves a directory the next one empties."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(path, SCHEME_FILE))
 
 
 def _delete_entry(shard: diskcache.Cache, key: str) -> None:
