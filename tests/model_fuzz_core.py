@@ -555,8 +555,8 @@ class Model:
             else:
                 self.purge_floor[k] = floor
 
-    def tag_for(self, r: Request, back: int) -> str | None:
-        """The ETag the origin would send this request's variant (of the version ``back`` before)."""
+    def vary_values(self, r: Request) -> str:
+        """The request's values of the fields its key's responses vary on, as the origin's tags name them."""
         pol = self.policies[r.key]
         vals = ""
         if "Accept-Encoding" in pol.vary:
@@ -564,7 +564,11 @@ class Model:
             vals = "ae=" + ("-" if s is None else "+".join(sorted(s)))
         if "X-Lang" in pol.vary:
             vals = f"lang={r.lang}"
-        return self.etag_of(r.key, max(1, self.versions[r.key] - back), vals)
+        return vals
+
+    def tag_for(self, r: Request, back: int) -> str | None:
+        """The ETag the origin would send this request's variant (of the version ``back`` before)."""
+        return self.etag_of(r.key, max(1, self.versions[r.key] - back), self.vary_values(r))
 
     def conditionals(self, r: Request) -> dict[str, str]:
         pol = self.policies[r.key]
@@ -593,15 +597,8 @@ class Model:
         await self.settle()
         inm_value: str | None = None
         if r.inm == "current" or r.inm == "previous":
-            pol = self.policies[r.key]
             v = self.versions[r.key] - (1 if r.inm == "previous" else 0)
-            vals = ""
-            if "Accept-Encoding" in pol.vary:
-                s = ae_set(r.ae)
-                vals = "ae=" + ("-" if s is None else "+".join(sorted(s)))
-            if "X-Lang" in pol.vary:
-                vals = f"lang={r.lang}"
-            inm_value = f'"{r.key}.{v}.{vals}"'
+            inm_value = f'"{r.key}.{v}.{self.vary_values(r)}"'
         elif r.inm == "weak":
             inm_value = "W/" + (self.tag_for(r, 0) or '"none"').removeprefix("W/")
         elif r.inm is not None:

@@ -155,16 +155,21 @@ class CacheMachine(RuleBasedStateMachine):
         assert self.model.proxy is not None
 
 
+def machine_settings(examples: int) -> settings:
+    """A state machine's run: ``examples`` sequences unless the environment asks a random search."""
+    return settings(
+        max_examples=EXAMPLES or examples,
+        stateful_step_count=STEPS if RANDOM else 30,
+        deadline=None,
+        derandomize=not RANDOM,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+        print_blob=RANDOM,
+    )
+
+
 TestCacheModel = CacheMachine.TestCase
-TestCacheModel.settings = settings(
-    max_examples=EXAMPLES or 12,
-    stateful_step_count=STEPS if RANDOM else 30,
-    deadline=None,
-    derandomize=not RANDOM,
-    database=None,
-    suppress_health_check=list(HealthCheck),
-    print_blob=RANDOM,
-)
+TestCacheModel.settings = machine_settings(12)
 
 
 # -- sequences the random search seldom reaches ---------------------------
@@ -243,15 +248,7 @@ class SmallMemoryMachine(CacheMachine):
 
 
 TestSmallMemoryModel = SmallMemoryMachine.TestCase
-TestSmallMemoryModel.settings = settings(
-    max_examples=EXAMPLES or 2,
-    stateful_step_count=STEPS if RANDOM else 30,
-    deadline=None,
-    derandomize=not RANDOM,
-    database=None,
-    suppress_health_check=list(HealthCheck),
-    print_blob=RANDOM,
-)
+TestSmallMemoryModel.settings = machine_settings(2)
 
 
 # -- R92: conditionals, the origin's 304s, Date and Age, prefixes, small memory --------------
