@@ -68,10 +68,13 @@ CUT_MARK = "\u2026"  # "…": the end of a value cut to keep its line within PIP
 # a writer that has not written this long looks at the file's end first (AccessLog._write_file).
 WRITES_SETTLE = 10.0  # seconds
 CHECK_AFTER = 0.01  # seconds
-# A file's end seen mid-line is looked at again after this long: another worker's write being
-# copied in shows that way for a moment (the file grows a page at a time: 4 % of looks during
-# one, measured), and a line end put before it was a blank line (6 in 365,000 lines of a
-# two-worker soak). A cut line stays as it is; a write in progress has moved on.
+# A file's end seen mid-line is looked at again once a write being copied in is over: another
+# worker's write shows that way for a moment (the file grows a page at a time: 4 % of looks
+# during one, measured), and a line end put before it was a blank line once it was whole (6 in
+# 365,000 lines of a two-worker soak). A write of no bytes waits for it (Linux appends under the
+# file's lock, which a write of nothing takes too: one blocked 1.15 s behind a 200 MB append on
+# ext4); a pause of END_SETTLE more, for a filesystem that does not: a look a millisecond later
+# alone still saw a write the scheduler had paused (1 blank line in 400,000 under bursts).
 END_SETTLE = 0.001  # seconds
 # Warnings that repeat at the request rate (an upstream's failures: ``Summarised``) are one line
 # per this while and kind. 5 s: rsyslog's recommended rate-limit interval, 12 lines a minute for
@@ -412,10 +415,10 @@ class AccessLog:
           when the file still ends where its cut line did (nobody appended since: ``_mend``),
           writes that rest first: the line is whole and nothing is lost but the lines after it;
         - a writer that finds the file ending elsewhere, and not with a line end (another
-          worker's cut line: still so END_SETTLE later, where a write being copied in has
-          moved on), starts its write with ``\n``: the half line stays a line of its
-          own, unreadable but alone, and every other line is whole (the writer that cut it then
-          finds the file ending elsewhere: its line's rest is dropped).
+          worker's cut line: still so once a write being copied in is over), starts its
+          write with ``\n``: the half line stays a line of its own, unreadable but alone, and
+          every other line is whole (the writer that cut it then finds the file ending
+          elsewhere: its line's rest is dropped).
 
         Looking at the file's end costs two system calls (``lseek``, ``pread``: about 0.8 µs,
         where the write takes 1.2), so a writer looks only when it may have missed a cut: after a
@@ -458,7 +461,8 @@ class AccessLog:
             self._drop(1)  # the cut line stays half written, on a line of its own
         if end == 0 or self._last_byte(end) in (b"\n", None):
             return b"", False
-        time.sleep(END_SETTLE)  # (rare: the loop waits a millisecond; see END_SETTLE)
+        os.write(self._fd, b"")  # (rare: waits for a write in progress; see END_SETTLE)
+        time.sleep(END_SETTLE)
         if os.lseek(self._fd, 0, os.SEEK_END) != end or self._last_byte(end) in (b"\n", None):
             return b"", False
         return b"\n", False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -10,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -462,6 +464,91 @@ def test_another_workers_write_caught_in_the_middle_is_not_taken_for_a_cut_line(
     finally:
         mine.close()
         os.close(other_fd)
+
+
+@pytest.fixture
+def slow_cpu() -> Iterator[Path]:
+    """A cgroup (v1 ``cpu``) holding its processes to 2 % of a CPU: a write they make is paused
+    by the scheduler in the middle, as a busy machine pauses one (root on Linux only)."""
+    root = Path("/sys/fs/cgroup/cpu")
+    if os.geteuid() != 0 or not (root / "cpu.cfs_quota_us").exists():
+        pytest.skip("needs root and the cgroup v1 cpu controller at /sys/fs/cgroup/cpu")
+    group = root / f"cachegate-test-{os.getpid()}"
+    try:
+        group.mkdir()
+        (group / "cpu.cfs_period_us").write_text("100000")
+        (group / "cpu.cfs_quota_us").write_text("2000")
+    except OSError as exc:
+        pytest.skip(f"cannot make a cpu cgroup here: {exc}")
+    try:
+        yield group
+    finally:
+        for pid in (group / "cgroup.procs").read_text().split():
+            (root / "cgroup.procs").write_text(pid)
+        group.rmdir()
+
+
+def test_another_workers_write_paused_in_the_middle_is_waited_for_not_taken_for_a_cut_line(
+        tmp_path: Path, slow_cpu: Path) -> None:
+    """A look a moment later still saw another worker's write in progress when the scheduler had
+    paused it in the middle (1 blank line in 400,000 under bursts): the idle worker put a line
+    end before its own lines, and the other's write then ended with one. Here the other worker
+    is a process writing 27 MB in one append, slowed to 2 % of a CPU; each time the idle
+    worker writes while that append is paused in the middle (5 times). Without the wait
+    for the write in progress, about half of them left a blank line."""
+    line, many = b'{"time":"2026-12-07T06:00:00.000Z","path":"/other"}\n', 500_000
+    caught = 0
+    for attempt in range(30):
+        log_file = tmp_path / f"access-{attempt}.log"
+        with subprocess.Popen(
+                [sys.executable, "-c", "import os, sys\n"
+                 f"fd = os.open({str(log_file)!r}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)\n"
+                 f"data = {line!r} * {many}\n"
+                 "print(flush=True); sys.stdin.readline(); os.write(fd, data)"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE) as other:
+            assert other.stdout is not None and other.stdin is not None
+            other.stdout.readline()  # its lines are made (at full speed)
+            (slow_cpu / "cgroup.procs").write_text(str(other.pid))
+            mine = AccessLog(AccessLogSettings("json", str(log_file)), "1")
+            try:
+                log_batches(mine, 0, 1)
+                written = log_file.stat().st_size
+                time.sleep(0.02)  # longer than CHECK_AFTER since its last write: it looks
+                other.stdin.write(b"go\n")
+                other.stdin.flush()
+                full_speed = threading.Timer(0.3, unthrottle, [slow_cpu, other.pid])
+                full_speed.start()  # (a round that does not catch it ends soon)
+                while not written < paused(log_file) < written + len(line) * many:
+                    if other.poll() is not None:  # done before the scheduler paused it
+                        break
+                else:
+                    caught += 1
+                    full_speed.cancel()  # a moment after the look instead (which waits for it)
+                    full_speed = threading.Timer(0.05, unthrottle, [slow_cpu, other.pid])
+                    full_speed.start()
+                log_batches(mine, 10, 1)  # while the other's write is paused (when caught)
+                assert other.wait(30) == 0
+                full_speed.join()
+            finally:
+                mine.close()
+        lines = log_file.read_bytes().split(b"\n")
+        assert lines[-1] == b"" and b"" not in lines[:-1], f"attempt {attempt}: a blank line"
+        assert len(lines) == 20 + many + 1 and all(map(parses, lines[:10] + lines[-11:-1]))
+        if caught == 5:
+            break
+    assert caught == 5, f"the other's write was seen in progress {caught} times in 30"
+
+
+def unthrottle(group: Path, pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # (it may have ended)
+        (group.parent / "cgroup.procs").write_text(str(pid))
+
+
+def paused(file: Path) -> int:
+    """The file's size when it has not changed for 2 ms (a write to it paused), else -1."""
+    size = file.stat().st_size
+    time.sleep(0.002)
+    return size if file.stat().st_size == size else -1
 
 
 def parses(line: bytes) -> bool:
