@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -81,6 +82,19 @@ async def clocked(make_proxy: MakeProxy, clock: Clock, config: str = "", rules: 
     proxy = await make_proxy(config=config, rules=rules)
     clock.run_on(proxy.runtime)
     return proxy
+
+
+@pytest.fixture(autouse=True)
+def _signals_as_they_were() -> Iterator[None]:
+    """A test that calls ``main(["run", ...])`` in this process leaves SIGINT, SIGTERM and
+    SIGHUP ignored (``cmd_run`` ignores them as the process exits): every later test in
+    the same pytest worker then ran with Ctrl-C ignored, and a child it started inherited that
+    (the warm command's Ctrl-C test failed so in a full run). Their handlers are put back."""
+    held = [(sig, signal.getsignal(sig)) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)]
+    yield
+    for sig, handler in held:
+        if signal.getsignal(sig) is not handler:
+            signal.signal(sig, handler)
 
 
 @pytest.fixture(autouse=True)
