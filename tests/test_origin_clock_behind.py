@@ -18,8 +18,8 @@ from aiohttp import web
 from proxy.config import Overrides
 from proxy.policy.httpdate import format_http_date
 from proxy.web.server import install_reloader
-from tests.conftest import MakeProxy
-from tests.harness import Origin, Proxy
+from tests.conftest import MakeProxy, clocked
+from tests.harness import Clock, Origin, Proxy
 
 BEHIND = 7200  # the origin's clock is 2 h behind
 WARNING = re.compile(r"origin \S+: its Date is 72\d\d s behind this clock; its responses arrive stale and "
@@ -112,3 +112,33 @@ async def test_the_followers_of_a_fill_take_its_response(make_proxy: MakeProxy, 
         answers = await asyncio.gather(*(one() for _ in range(8)))
     assert answers == [(200, b"page")] * 8
     assert origin.count("/p") == 1  # one fetch for the 8, not one after the other
+
+
+async def test_a_304_whose_date_is_behind_is_counted_and_said_too(
+        make_proxy: MakeProxy, origin: Origin, clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
+    """A response stored with a right Date, then revalidated by an origin whose clock fell
+    behind: the 304's Date freshens the stored one (RFC 9111 §4.3.4), and the response is
+    stale through it alone from then on; said as a fill's would be."""
+    caplog.set_level(logging.WARNING)
+    behind = 0
+
+    async def page(request: web.Request) -> web.Response:
+        fields = {"ETag": '"v1"', "Date": format_http_date(clock() - behind), "Cache-Control": "max-age=600"}
+        if request.headers.get("If-None-Match") == '"v1"':
+            return web.Response(status=304, headers=fields)
+        return web.Response(body=b"page", headers=fields)
+
+    origin.route("/p", page)
+    proxy = await clocked(make_proxy, clock)
+    assert (await proxy.get("/p")).x_cache == "MISS"
+    assert (await proxy.get("/p")).x_cache == "HIT"
+    assert await counted(proxy) == 0 and warnings(caplog) == []
+    clock.advance(601)
+    behind = BEHIND
+    revalidated = await proxy.get("/p")
+    assert (revalidated.status, revalidated.body, revalidated.x_cache) == (200, b"page", "REVALIDATED")
+    assert origin.count("/p") == 2
+    assert await counted(proxy) == 1
+    said = warnings(caplog)
+    assert len(said) == 1 and WARNING.fullmatch(said[0]), said
+    assert (await proxy.get("/p")).x_cache != "HIT"  # stale through the 304's Date
