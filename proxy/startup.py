@@ -11,8 +11,11 @@ to borrow these steps from the command line, which imports the supervisor: an im
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
 import resource
+import stat
 import sys
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -47,7 +50,26 @@ def start_logging(level: str, worker: str | None = None) -> None:
     """One line per event on standard error (``proxy.logs``), at ``level``; a worker names itself."""
     from proxy.logs import setup_logging
 
+    append_to_std_files()
     setup_logging(level, worker=worker)
+
+
+def append_to_std_files() -> None:
+    """Standard output and error, when they are files, written at their end (``O_APPEND``).
+
+    A shell's ``>`` and systemd's ``StandardOutput=file:`` open them without it, and
+    logrotate's ``copytruncate`` then empties the file under a process that goes on writing
+    where it was: the new file began with millions of NUL bytes (2.6 MB of them after one
+    rotation under load), that ``less`` and log shippers show as garbage. Setting the flag
+    changes nothing else: these are written only at their end anyway."""
+    for fd in (1, 2):
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+                if not flags & os.O_APPEND:
+                    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_APPEND)
+        except OSError:  # closed, or a file that refuses the flag: written as it is
+            pass
 
 
 def load_settings(path: str | None, overrides: Overrides, *, warn: bool = False,

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -45,7 +46,7 @@ from proxy.logs import REQUEST as CURRENT_REQUEST
 from proxy.metrics import Metrics
 from proxy.web.fastpath import ProxyServer
 from tests.conftest import MakeProxy
-from tests.harness import Origin, Proxy
+from tests.harness import Origin, Proxy, write_config
 from tests.tmpfs import mounted_tmpfs
 
 RFC3339_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -794,12 +795,66 @@ async def test_sighup_reopens_the_access_log_after_logrotate(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_standard_files_opened_without_append_survive_copytruncate(tmp_path: Path, workers: str) -> None:
+    """Standard output and error redirected with a shell's ``>`` (or systemd's
+    ``StandardOutput=file:``): not opened for appending, and logrotate's ``copytruncate`` emptied
+    the file under processes that went on writing where they were: the new file began with
+    NUL bytes up to the old size (2.6 MB of them after a rotation under load). Each process
+    makes them appending: the next line is the file's first."""
+    # (no origin: its 502s are logged as well, and this test's loop does not run one)
+    config = write_config(str(tmp_path), "http://127.0.0.1:9", "access_log: {format: json, path: stdout}\n")
+    out_path, err_path = tmp_path / "stdout.log", tmp_path / "stderr.log"
+    with open(out_path, "w") as out, open(err_path, "w") as err, subprocess.Popen(
+            [sys.executable, "-m", "proxy", "run", "--config", config, "--workers", workers],
+            stdout=out, stderr=err) as proc:
+        try:
+            deadline = time.monotonic() + 30
+            while (url := re.search(r'proxy listening on ([^\s"]+)', out_path.read_text())) is None \
+                    or "admin listening on" not in out_path.read_text():  # (its announcements)
+                assert proc.poll() is None and time.monotonic() < deadline, err_path.read_text()
+                time.sleep(0.05)
+            while len(children(proc.pid)) < int(workers) - 1:  # (one worker: the process itself)
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            for pid in [proc.pid, *children(proc.pid)]:
+                for fd in ("1", "2"):
+                    flags = int(re.findall(r"flags:\s+(\d+)", Path(f"/proc/{pid}/fdinfo/{fd}").read_text())[0], 8)
+                    assert flags & os.O_APPEND, (pid, fd)
+            get(url[1] + "/a")
+            while not out_path.read_bytes():
+                time.sleep(0.05)
+            os.truncate(out_path, 0)
+            os.truncate(err_path, 0)  # what copytruncate does after its copy
+            proc.send_signal(signal.SIGHUP)  # a line on standard error
+            get(url[1] + "/a")  # a line on standard output
+            while b"config reloaded" not in err_path.read_bytes() or b'"/a"' not in out_path.read_bytes():
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        finally:
+            proc.terminate()
+            proc.wait(20)
+    for path in (out_path, err_path):
+        data = path.read_bytes()
+        assert data and b"\0" not in data, (path.name, data[:80])
+
+
+def get(url: str) -> None:
+    subprocess.run(["curl", "-s", "-o", "/dev/null", url], check=True, timeout=20)
+
+
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` started (its workers)."""
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.slow
 async def test_a_502s_detail_is_in_the_error_log_with_its_request_id(tmp_path: Path) -> None:
     """A real `cachegate run` with JSON logs: the client's 502 names no address; the error log
     line about it does, with the same request id and the worker."""
     import aiohttp
 
-    from tests.harness import spawn_cachegate, write_config
+    from tests.harness import spawn_cachegate
     from tests.ops.test_server_and_errors import closed_port
 
     down = f"http://127.0.0.1:{closed_port()}"
