@@ -12,8 +12,9 @@ the storage roles knows Redis exists. The runtime and the engine call narrow sea
   tier before the origin and writes its fill through (``shared.SharedTier``), under
   a cluster-wide lock per key, so a herd spread over N nodes costs one origin request.
 
-``settings`` (the config section) and ``stream`` (the stream's pure bookkeeping)
-import no Redis client; ``node`` and ``shared`` do.
+``settings`` (the config section), ``stream`` (the stream's pure bookkeeping) and ``outbox``
+(the node's unsent invalidations, kept in a file across restarts) import no Redis client;
+``node`` and ``shared`` do.
 """
 
 from __future__ import annotations

@@ -36,7 +36,9 @@ heartbeat's TTL, it holds hits until its next attempt has caught up or failed: t
 longer counted it live: ``_away_ticks``); invalidations made
 meanwhile (or refused by a Redis that answers but takes no writes) are applied
 locally at once and kept in an outbox, retried every heartbeat: each is then
-removed from the shared tier, appended to the stream and applied here again.
+removed from the shared tier, appended to the stream and applied here again. The outbox
+is kept in the cache directory too (``proxy.cluster.outbox``), read at start and sent after
+the catch-up: a restart meanwhile (to repoint ``cluster.redis`` after a failover) lost it.
 While the outbox holds anything, the node does not consult the shared tier (with
 ``--workers N`` the supervisor tells its workers: ``outbox_changed``).
 """
@@ -60,6 +62,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from redis.exceptions import AuthenticationError, ResponseError
 
 from proxy.cluster import HOLD_MAX, ClusterUnavailable, stream
+from proxy.cluster.outbox import OUTBOX_FILE, OutboxFile, Queued
 from proxy.cluster.redis_io import (
     REDIS_DOWN,
     DeadSubscription,
@@ -83,6 +86,7 @@ READ_BATCH = 1000  # stream entries read (and, when many, merged) at once
 FIRST_READ = 16  # entries read to find where a backlog begins (past any that no node appended)
 BLOCK_MS = 1000  # XREAD BLOCK: how long a read waits for new entries
 OUTBOX_MAX = 10_000  # invalidations kept while Redis is unreachable
+LOST_SHOWN = 100  # URLs a stop that loses the outbox names in its log line
 EARLY_ACKS_MAX = 10_000  # acks kept while appends are in flight (the oldest go first)
 RECONNECT_DELAY = (0.2, 0.5, 1.0)  # then every second
 
@@ -232,7 +236,10 @@ class ClusterNode:
         # The last entry this node appended (epoch, seq): a Redis restored from a snapshot older
         # than it lost it, whether or not the follower had read it back (``stream.lost_own``).
         self._appended_seq: tuple[str, int] | None = None
-        self._outbox: deque[PurgeSpec] = deque()
+        self._outbox: deque[Queued] = deque()
+        # Kept in the cache directory across restarts (none without a disk: lost at stop, said so).
+        self._kept = OutboxFile(os.path.join(state_dir, OUTBOX_FILE), self.name,
+                                lambda: self._outbox) if state_dir else None
         self._redis: aioredis.Redis | None = None
         self._reader: aioredis.Redis | None = None
         # The heartbeat's own connection, set up before the first beat: a beat never waits for a
@@ -272,6 +279,7 @@ class ClusterNode:
         self._telling = asyncio.Lock()  # one message to the workers about it at a time
         self._told = False  # what the workers were told: invalidations wait in the outbox
         self._outbox_failing = False  # the last attempt to send the outbox failed (logged once)
+        self._load_outbox()
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -318,6 +326,7 @@ class ClusterNode:
             # (the loops also stop on _closing).
             await asyncio.wait([self._task], timeout=BLOCK_MS / 1000 + self.settings.timeout + 1)
         await self._disconnect()
+        await self._keep_outbox()
 
     async def _disconnect(self) -> None:
         # Not connected from now on, not once the clients are closed: closing them waits on dead
@@ -901,7 +910,9 @@ class ClusterNode:
         if len(self._outbox) >= OUTBOX_MAX:
             self._outbox.popleft()
             self.counts["outbox_dropped"] += 1
-        self._outbox.append(spec)
+        self._outbox.append(Queued(spec, time.time()))
+        if self._kept is not None:
+            self._kept.changed()
         await self._tell_outbox()  # before the answer: no later request adopts what it covers
         return PurgeOutcome(count, {self.name: count}, ())
 
@@ -931,7 +942,7 @@ class ClusterNode:
                 r = self._redis
                 if r is None:
                     return
-                spec = self._outbox[0]
+                spec = self._outbox[0].spec
                 if self._shared_purge is not None:
                     await self._shared_purge(spec)
                 appending: asyncio.Future[None] = loop.create_future()
@@ -946,6 +957,8 @@ class ClusterNode:
                 finally:
                     self._appended(appending)
                 self._outbox.popleft()
+                if self._kept is not None:
+                    self._kept.changed()
                 self.counts["sent"] += 1
                 try:
                     await self._local(spec)
@@ -953,6 +966,56 @@ class ClusterNode:
                     applied.set_result(None)
                 if not self._outbox:
                     await self._tell_outbox()
+
+    def _load_outbox(self) -> None:
+        """The invalidations this node's last run could not send (``proxy.cluster.outbox``): sent
+        once this start has caught up, before those made since, as if it had never stopped."""
+        if self._kept is None:
+            return
+        path = self._kept.path
+        try:
+            entries, unreadable = self._kept.read()
+        except Exception as exc:  # (OSError; ValueError, RecursionError: not an outbox)
+            log.error("cluster: %s is unreadable (%s): the invalidations this node could not send "
+                      "before it stopped are lost (the other nodes may serve what they covered until "
+                      "it expires)", path, exc)
+            return
+        over = max(0, len(entries) - OUTBOX_MAX)
+        if unreadable or over:
+            self.counts["outbox_dropped"] += unreadable + over
+            log.error("cluster: %d invalidation(s) of %s dropped (%d unreadable, %d the oldest past the "
+                      "outbox's %d): the other nodes may serve what they covered until it expires",
+                      unreadable + over, path, unreadable, over, OUTBOX_MAX)
+        if entries := entries[over:]:
+            self._outbox.extend(entries)
+            self._told = True  # (a worker is told as it starts: Supervisor._tell_node)
+            log.warning("cluster: %d invalidation(s) made here before this node stopped were not sent "
+                        "to the other nodes yet (the oldest %.0fs ago): they are sent from %s once it "
+                        "has caught up with the cluster", len(entries), max(0.0, time.time() - entries[0].at),
+                        path)
+
+    async def _keep_outbox(self) -> None:
+        """At stop: the invalidations Redis has not taken are kept for the next start, or lost (no
+        disk cache to keep them in, or their file cannot be written): one line says which."""
+        kept = self._kept is not None and await self._kept.close()
+        n = len(self._outbox)
+        if not n:
+            return
+        if kept:
+            assert self._kept is not None
+            log.warning("cluster: %d invalidation(s) made here were not sent to the other nodes (Redis "
+                        "did not take them): kept in %s for the next start, which sends them", n,
+                        self._kept.path)
+            return
+        urls = list(dict.fromkeys(u for q in self._outbox for u in (q.spec.urls or q.spec.keys)))
+        shown = ", ".join(urls[:LOST_SHOWN])
+        if len(urls) > LOST_SHOWN:
+            shown += f", ... {len(urls) - LOST_SHOWN} more"
+        where = (f"they could not be written to {self._kept.path}" if self._kept is not None else
+                 "this node has no disk cache to keep them in (cache.disk: null)")
+        log.error("cluster: %d invalidation(s) made here were not sent to the other nodes (Redis did not "
+                  "take them) and are lost: %s; the other nodes may serve what they covered until it "
+                  "expires (purge it there once Redis is back): %d URL(s): %s", n, where, len(urls), shown)
 
     async def _try_flush_outbox(self) -> None:
         """``_flush_outbox``, retried on every heartbeat while the outbox holds anything: Redis
@@ -1188,6 +1251,10 @@ class ClusterNode:
         yield g
         g = GaugeMetricFamily("cachegate_cluster_lag", "Purges of the stream this node has not applied yet")
         g.add_metric([], float(max(0, self.tip_seq - (self.saved.seq if self.saved else 0))))
+        yield g
+        g = GaugeMetricFamily("cachegate_cluster_outbox",
+                              "Invalidations made on this node that Redis has not taken yet (the outbox)")
+        g.add_metric([], float(len(self._outbox)))
         yield g
         c = CounterMetricFamily("cachegate_cluster_bus", "Purge bus events on this node", labels=["event"])
         for event, n in self.counts.items():

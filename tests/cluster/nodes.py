@@ -36,9 +36,10 @@ class Nodes:
                    **overrides}
         return write_config(directory, self.origin_url, self.cache, f"cluster: {json.dumps(cluster)}\n" + self.top)
 
-    async def start(self, name: str, *args: str, **overrides: Any) -> ProxyProcess:
+    async def start(self, name: str, *args: str, with_log: bool = False, **overrides: Any) -> ProxyProcess:
+        """``with_log``: its log (standard error) among its ``lines`` too."""
         proc = ProxyProcess(os.path.join(self.base, name), self.config(name, **overrides))
-        await proc.start(*args)
+        await proc.start(*args, with_log=with_log)
         await proc.wait_for(lambda: bool(proc.admin_url))
         self.procs[name] = proc
         return proc
