@@ -63,6 +63,7 @@ from redis.exceptions import AuthenticationError, ResponseError
 
 from proxy.cluster import HOLD_MAX, ClusterUnavailable, stream
 from proxy.cluster.outbox import OUTBOX_FILE, OutboxFile, Queued
+from proxy.cluster.redis_checks import CHECK_EVERY, RedisCheck, RedisUnfit
 from proxy.cluster.redis_io import (
     REDIS_DOWN,
     DeadSubscription,
@@ -200,6 +201,9 @@ class ClusterNode:
         self.instance = uuid.uuid4().hex  # this process, in its heartbeat: twins are told apart
         self.names = Names(settings.namespace)
         self._alive = self.names.members + ALIVE_SUFFIX  # liveness without a TTL (BEAT)
+        # Its eviction policy and the ACL user's permissions, at each connection and every
+        # CHECK_EVERY heartbeats (_recheck): RedisUnfit ends the session as a refused password does.
+        self._check = RedisCheck(self.names, self.name, settings.shared_cache, settings.redacted_url)
         self._local = local_purge
         self._shared_purge = shared_purge
         self._shared_reset = shared_reset  # the shared tier's new generation (SharedTier.new_generation)
@@ -295,7 +299,7 @@ class ClusterNode:
         if self._first_error is not None:
             message = (f"cluster: cannot reach Redis at {self.settings.redacted_url}: "
                        f"{_describe(self._first_error)}")
-            if isinstance(self._first_error, AuthenticationError):
+            if _refused(self._first_error):  # (it answered: "cannot reach" was wrong)
                 message = f"cluster: {_trouble(self.settings.redacted_url, self._first_error)}"
             elif isinstance(self._first_error, RedisDataError):
                 message = (f"cluster: Redis at {self.settings.redacted_url} holds what this node "
@@ -419,6 +423,7 @@ class ClusterNode:
         # Both connections set up at once (each costs a few round trips); the beats' is up before
         # the first beat's clock starts.
         await asyncio.gather(self._redis.ping(), self._beater.ping())
+        await self._check.run(self._redis)  # (RedisUnfit: an allkeys-* policy, a command denied)
         # A node that says it is ready (it was, then lost Redis, and serves from its tiers) says
         # so until it knows of purges to catch up on (_catch_up): a Redis that answers PING but
         # holds writes (CLIENT PAUSE WRITE, in a failover) made each attempt say catching-up until
@@ -435,7 +440,7 @@ class ClusterNode:
             self.connected = True  # this session's writes get through
             self._tell_beat()
             tasks += [asyncio.ensure_future(self._listen_acks(pubsub)),
-                      asyncio.ensure_future(self._heartbeats())]
+                      asyncio.ensure_future(self._heartbeats()), asyncio.ensure_future(self._recheck())]
             await self._catch_up(self._caught_up_all_along)
             await self._try_flush_outbox()
             self._set_state("ready", "")
@@ -1171,6 +1176,16 @@ class ClusterNode:
                 raise HeartbeatLapsed(self.reason)
             await self._heartbeat()
 
+    async def _recheck(self) -> None:
+        """Check Redis again every ``CHECK_EVERY`` heartbeats (``RedisCheck``; on a connection of
+        the pool, not the heartbeats' own: a check never delays a beat): a policy turned to
+        ``allkeys-*``, or a command taken from the ACL user, under a running node ends its session
+        as Redis refusing its password would (``RedisUnfit``)."""
+        while self._goes_on():
+            await asyncio.sleep(self.settings.heartbeat * CHECK_EVERY)
+            if self._redis is not None:
+                await self._check.run(self._redis)
+
     async def _send_outbox(self) -> None:
         """Retry the outbox every heartbeat while it holds anything (a purge that Redis refused
         while the connection stayed up lands there too)."""
@@ -1376,6 +1391,8 @@ def _trouble(url: str, exc: BaseException) -> str:
                     "for an ACL user)")
         return (f"Redis at {url} refused the password (or user) in cluster.redis ({text}): set the "
                 "right one there")
+    if isinstance(exc, RedisUnfit):
+        return str(exc)
     if _refused(exc):
         return f"Redis at {url} answered with an error: {_describe(exc)}"
     return f"Redis at {url} is unreachable: {_describe(exc)}"

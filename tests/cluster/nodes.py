@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 import uuid
 from typing import Any
 
@@ -37,12 +38,22 @@ class Nodes:
         return write_config(directory, self.origin_url, self.cache, f"cluster: {json.dumps(cluster)}\n" + self.top)
 
     async def start(self, name: str, *args: str, with_log: bool = False, **overrides: Any) -> ProxyProcess:
-        """``with_log``: its log (standard error) among its ``lines`` too."""
+        """``with_log``: its error log among its ``lines`` too (``ProxyProcess.start``)."""
         proc = ProxyProcess(os.path.join(self.base, name), self.config(name, **overrides))
+        self.procs[name] = proc
         await proc.start(*args, with_log=with_log)
         await proc.wait_for(lambda: bool(proc.admin_url))
-        self.procs[name] = proc
         return proc
+
+    async def refused(self, name: str, **overrides: Any) -> str:
+        """Run node ``name``, which must not start (``cachegate run`` exits 1): its standard error."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "run", "--config", self.config(name, **overrides),
+            cwd=os.path.join(self.base, name), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env=dict(os.environ))
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 1, err.decode()
+        return err.decode()
 
     def __getitem__(self, name: str) -> ProxyProcess:
         return self.procs[name]

@@ -233,10 +233,8 @@ async def test_a_redis_that_wants_a_password_the_node_lacks_is_said_so_in_its_lo
     and every answer names the password; a node given a wrong one does not start, and says so."""
     versioned(origin, "/p")
     nodes = Nodes(str(tmp_path), origin.url, own_redis.url, timeout="0.5s")
-    a = nodes.procs["a"] = ProxyProcess(str(tmp_path / "a"), nodes.config("a"))
     try:
-        await a.start(with_log=True)
-        await a.wait_for(lambda: bool(a.admin_url))
+        a = await nodes.start("a", with_log=True)
         await wait_until(lambda: ready(a))
         await a.get("/p")
         own_redis.kill()
@@ -254,15 +252,9 @@ async def test_a_redis_that_wants_a_password_the_node_lacks_is_said_so_in_its_lo
         status, answer = await purge(a, urls=[f"http://{HOST}/p"])
         assert status == 503 and needs in answer["error"], answer
 
-        wrong = own_redis.url.replace("redis://", "redis://:nope-pw@")
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", "run", "--config", nodes.config("b", redis=wrong),
-            cwd=str(tmp_path / "b"), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env=dict(os.environ))
-        _, err = await asyncio.wait_for(proc.communicate(), 30)
-        assert proc.returncode == 1
-        assert "refused the password (or user) in cluster.redis" in err.decode(), err.decode()
-        assert "nope-pw" not in err.decode()
+        err = await nodes.refused("b", redis=own_redis.url.replace("redis://", "redis://:nope-pw@"))
+        assert "refused the password (or user) in cluster.redis" in err, err
+        assert "nope-pw" not in err
     finally:
         await nodes.stop_all()
 
