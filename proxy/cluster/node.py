@@ -59,7 +59,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import AuthenticationError, ReadOnlyError, ResponseError
 
 from proxy.cluster import HOLD_MAX, ClusterUnavailable, stream
 from proxy.cluster.outbox import OUTBOX_FILE, OutboxFile, Queued
@@ -1393,6 +1393,10 @@ def _trouble(url: str, exc: BaseException) -> str:
                 "right one there")
     if isinstance(exc, RedisUnfit):
         return str(exc)
+    if isinstance(exc, ReadOnlyError):
+        said = str(exc).split(" script: ")[0]  # (not which of our scripts tried to write)
+        return (f"Redis at {url} is a read-only replica ({said}): cluster.redis must name the "
+                "primary (after a failover, the promoted replica: see Failover in docs/cluster.md)")
     if _refused(exc):
         return f"Redis at {url} answered with an error: {_describe(exc)}"
     return f"Redis at {url} is unreachable: {_describe(exc)}"

@@ -1,6 +1,6 @@
 """What a node checks of its Redis when it connects (and every few heartbeats while connected):
 an eviction policy that may evict the cluster's own keys, an ACL user that lacks a command
-cachegate uses. Each is said in words that name the setting or command,
+cachegate uses, a read-only replica. Each is said in words that name the setting or command,
 refused at start with ``cluster.required: true``, and otherwise the node's reason, as a password
 Redis refuses is (real redis-server; in-process nodes, and ``cachegate run`` for what the admin
 API and the log show)."""
@@ -141,6 +141,23 @@ async def test_a_command_taken_from_the_user_of_a_running_node_disconnects_it_wi
         await wait_until(lambda: answer(node.connected and node.state == "ready"), wait=10)
     finally:
         await node.close()
+
+
+async def test_a_node_started_against_a_read_only_replica_says_so_not_that_it_cannot_reach_it(
+        own_redis: RedisServer, tmp_path: Path) -> None:
+    """It said "cannot reach Redis at ...: You can't write against a read only replica"."""
+    replica = RedisServer(str(tmp_path / "replica"))
+    replica.args = ["--replicaof", "127.0.0.1", str(own_redis.port)]
+    replica.start()
+    try:
+        node = ClusterNode(settings(replica.url, f"t{uuid.uuid4().hex[:8]}"), nothing, None)
+        with pytest.raises(ClusterUnavailable) as info:
+            await node.start()
+        said = str(info.value)
+        assert f"cluster: Redis at {replica.url} is a read-only replica" in said, said
+        assert "cluster.redis must name the primary" in said and "cannot reach" not in said, said
+    finally:
+        replica.stop()
 
 
 @pytest.mark.slow
