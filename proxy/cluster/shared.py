@@ -8,12 +8,13 @@ could become current again; ``new_generation`` replaces it when a node finds Red
 lost purges):
 
 - ``NS:l2:G:m:KEY``: a hash, one field per variant (its Vary values) holding the
-  body id, the names of the sets below the variant put KEY in, and the entry's
+  body's name (``BODY_ID.TOKEN``: its id and the fencing token of the fill that wrote it),
+  the names of the sets below the variant put KEY in, and the entry's
   record (``proxy.storage.entry``: JSON, never pickle). The
   record keeps the response's request/response times and initial age, so Age and
   freshness come out the same on every node (RFC 9111 §4.2.3; the nodes' clocks are
   assumed synchronised, as for any shared cache);
-- ``NS:l2:G:b:BODY_ID``: the body (at most ``shared_max_object`` bytes);
+- ``NS:l2:G:b:BODY_ID.TOKEN``: the body (at most ``shared_max_object`` bytes);
 - ``NS:l2:G:u:URL``, ``...:t:TAG``, ``...:h:SCHEME://HOST``: sets of keys, for purges
   by URL, tag and prefix, changed only with SADD/SREM inside scripts (never a
   read-modify-write of a string). A purge finds keys only through them, and they
@@ -23,7 +24,8 @@ lost purges):
   before that write adds KEY to new sets). Checking membership covers purges by
   URL, tag and prefix alike, where deleting the keys a URL maps to would cover only
   purges by URL;
-- ``NS:l2:lock:KEY``: the fill lock, ``SET NX PX`` with a fencing token from ``INCR``.
+- ``NS:l2:lock:KEY``: the fill lock, ``SET NX PX`` with a fencing token from ``INCR`` of
+  ``NS:l2:fence`` (started at Redis's clock in microseconds whenever it is missing: ``FENCE``).
 
 Every key has a TTL: the entry's freshness left plus its stale windows
 (``stale-while-revalidate``, ``stale-if-error``), so Redis forgets what no node
@@ -31,13 +33,18 @@ could serve any more.
 
 Each operation is one Lua script, so it is atomic and one round trip: a lookup
 that misses takes the lock in the same step (two nodes cannot both miss and both
-fetch), and a write checks that the lock is still this fill's and that no purge
-ran since the fill began (``NS:l2:purges``), or a purge racing a fill could
-bring the purged response back. That counter starts at a random 62-bit number
-whenever it is missing (a Redis that restarted empty): started at 0 it would
-count the same purges again, and a fill whose lock was taken before the restart
-could match it after a purge made since. The scripts touch keys they compute, so they
-need a single Redis (or a sentinel-managed one), not Redis Cluster.
+fetch), and a write checks that no purge ran since the fill began (``NS:l2:purges``),
+or a purge racing a fill could bring the purged response back. That counter starts at
+a random 62-bit number whenever it is missing (a Redis that restarted empty): started
+at 0 it would count the same purges again, and a fill whose lock was taken before the
+restart could match it after a purge made since. The write also checks that no other
+fill holds the lock, and that no variant of the key was written by a fill whose lock
+was taken later (a higher token): a fill slower than its lock (expired, evicted, or let
+go by the newer fill that took it next) found no lock at all, and overwrote the newer
+fill with the older response (RFC 9111 §4: the most recent response is the one to
+use). A variant written by an earlier build has no token (``BODY_ID`` alone): any fill
+may replace it. The scripts touch keys they compute, so they need a single Redis (or
+a sentinel-managed one), not Redis Cluster.
 
 Every call is bounded by ``cluster.timeout``; a failure is counted and the caller
 goes on as if the shared tier had nothing (the origin is asked). A Redis that answers
@@ -135,11 +142,36 @@ local function generation(key, fresh)
   return g
 end
 """
+# A fill lock's fencing token: INCR, except that a fence that was missing (a Redis new, emptied
+# or restarted empty) starts at Redis's clock in microseconds: above every token handed out
+# before (unless locks were taken faster than a million a second), so that a fence lost while
+# variants stayed (an allkeys-* eviction) does not make every later fill of theirs look older
+# (about 2^51: within Lua's exact integers). Tokens are compared as numbers (``FENCED``).
+FENCE = """
+local function fence_token(key)
+  local token = redis.call('INCR', key)
+  if token == 1 then
+    local t = redis.call('TIME')
+    local now = t[1] .. string.format('%06d', tonumber(t[2]))
+    redis.call('SET', key, now)
+    token = tonumber(now)
+  end
+  return token
+end
+"""
+# The fencing token a variant's body name carries (``BODY_ID.TOKEN``), 0 for a body id alone (a
+# variant an earlier build wrote: body ids hold no '.').
+FENCED = """
+local function fenced(name)
+  local t = string.match(name, '%.(%d+)$')
+  return t and tonumber(t) or 0
+end
+"""
 # KEYS: gen, purges, fence. ARGV: l2 prefix, key, try lock (0/1), lock ms, lock only (0/1),
 # the purge counter's start if it is missing, a new generation if there is none. The answer:
 # its kind, the count of fields of another layout it deleted (``INDEXED``), then what the kind
 # carries.
-LOOKUP = INDEXED + GENERATION + """
+LOOKUP = INDEXED + GENERATION + FENCE + """
 local g = generation(KEYS[1], ARGV[7])
 local base = ARGV[1] .. ':' .. g .. ':'
 local foreign = 0
@@ -159,7 +191,7 @@ end
 if #out > 2 then return out end
 if ARGV[3] ~= '1' then return {'miss', foreign} end
 local lock = ARGV[1] .. ':lock:' .. ARGV[2]
-local token = redis.call('INCR', KEYS[3])
+local token = fence_token(KEYS[3])
 if redis.call('SET', lock, token, 'NX', 'PX', ARGV[4]) then
   if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SET', KEYS[2], ARGV[6]) end
   return {'locked', foreign, token, redis.call('GET', KEYS[2])}
@@ -168,8 +200,9 @@ return {'busy', foreign, redis.call('PTTL', lock), redis.call('GET', lock) or '0
 """
 # KEYS: gen, purges. ARGV: l2 prefix, key, field, body id, record, body, ttl ms, token,
 # purges at lock time, the sets' names (u:..., h:..., t:...) as a JSON list, a new generation
-# if there is none.
-WRITE = INDEXED + GENERATION + """
+# if there is none. The answer: 1 written; 0 a purge ran since the lock was taken; -1 another
+# fill holds the lock; -2 a fill whose lock was taken later wrote the key (FENCED).
+WRITE = INDEXED + GENERATION + FENCED + """
 if (redis.call('GET', KEYS[2]) or '0') ~= ARGV[9] then return 0 end
 local lock = ARGV[1] .. ':lock:' .. ARGV[2]
 local holder = redis.call('GET', lock)
@@ -177,13 +210,18 @@ if holder and holder ~= ARGV[8] then return -1 end
 local g = generation(KEYS[1], ARGV[11])
 local base = ARGV[1] .. ':' .. g .. ':'
 local ttl = tonumber(ARGV[7])
-indexed(base, ARGV[2])  -- before KEY goes back into sets that lost it
-redis.call('SET', base .. 'b:' .. ARGV[4], ARGV[6], 'PX', ttl)
+local token = tonumber(ARGV[8])
+-- (before KEY goes back into sets that lost it; what it deletes is no newer fill any more)
+for _, v in ipairs(indexed(base, ARGV[2])) do
+  if fenced(v[1]) > token then return -2 end
+end
+local body = ARGV[4] .. '.' .. ARGV[8]
+redis.call('SET', base .. 'b:' .. body, ARGV[6], 'PX', ttl)
 local function keep(name)
   if redis.call('PTTL', name) < ttl then redis.call('PEXPIRE', name, ttl) end
 end
 local m = base .. 'm:' .. ARGV[2]
-redis.call('HSET', m, ARGV[3], ARGV[4] .. '\\n' .. ARGV[10] .. '\\n' .. ARGV[5])
+redis.call('HSET', m, ARGV[3], body .. '\\n' .. ARGV[10] .. '\\n' .. ARGV[5])
 keep(m)
 for _, set in ipairs(cjson.decode(ARGV[10])) do
   redis.call('SADD', base .. set, ARGV[2])
@@ -487,8 +525,9 @@ class SharedTier:
     # -- fills ----------------------------------------------------------------------------
 
     async def write(self, entry: Entry, body: bytes, lock: Locked, now: float) -> bool:
-        """Write a fill through (unless a purge ran since the lock was taken, or the lock
-        went to another filler); whether it was written."""
+        """Write a fill through (unless a purge ran since the lock was taken, the lock went to
+        another filler, or a fill that took the lock later wrote the key); whether it was
+        written."""
         if len(body) > self.max_object:
             self.counts["too_large"] += 1
             return False

@@ -6,15 +6,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
+from proxy.cluster.redis_io import Names, client
+from proxy.cluster.settings import ClusterSettings
 from proxy.policy.httpdate import format_http_date
-from tests.cluster.nodes import CACHE, Nodes, metrics, purge
+from tests.cluster.nodes import CACHE, Nodes, metrics, purge, wait_until
 from tests.cluster.redis_server import RedisServer
 from tests.harness import Origin
+from tests.storage.procs import ProxyProcess
 
 pytestmark = pytest.mark.slow
 
@@ -65,6 +69,68 @@ async def test_a_herd_over_three_nodes_costs_one_origin_request_and_fills_are_sh
         assert sum(m[("cachegate_cluster_shared_total", (("event", "written"),))] for m in counts) == 3
     finally:
         await nodes.stop_all()
+
+
+@pytest.mark.parametrize("lost", ["expired", "evicted"])
+async def test_a_fill_slower_than_its_lock_does_not_overwrite_the_newer_fill_of_another_node(
+        origin: Origin, tmp_path: Path, shared_redis: RedisServer, lost: str) -> None:
+    """a's fill of v0 outlasts its lock (``lock_timeout`` 1s: the lock lives 2 s), or Redis evicts
+    the lock; the origin moves to v1, b takes the lock, fetches v1 and writes it through. a's v0
+    then comes, and was written over v1 (no lock held by another fill: it took that for its own):
+    c, a node new to the key, got v0 from the shared tier, the older response."""
+    version = {"now": 0}
+    fetching, go_on = asyncio.Event(), asyncio.Event()
+
+    async def obj(request: web.Request) -> web.Response:
+        v = version["now"]
+        if origin.count("/obj") == 1:  # a's fill: held until b's is written through
+            fetching.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(go_on.wait(), 20)
+        return web.Response(body=f"v{v}".encode(), headers={"Cache-Control": "max-age=300"})
+
+    origin.route("/obj", obj)
+    nodes = Nodes(str(tmp_path), origin.url, shared_redis.url,
+                  cache=CACHE.replace("}}", "}, lock_timeout: 1s}"), shared_cache=True)
+    redis = client(ClusterSettings(redis=shared_redis.url, node="t", namespace=nodes.namespace), decode=True)
+    locks = f"{Names(nodes.namespace).l2}:lock:*"
+
+    async def held() -> list[str]:
+        return [k async for k in redis.scan_iter(locks)]
+
+    async def lock_gone() -> bool:
+        return not await held()
+
+    try:
+        a, b, c = await asyncio.gather(nodes.start("a"), nodes.start("b"), nodes.start("c"))
+        slow = asyncio.ensure_future(a.get("/obj"))
+        await asyncio.wait_for(fetching.wait(), 10)  # a holds the lock and fetches v0
+        if lost == "evicted":
+            assert await redis.delete(*await held()) == 1
+        await wait_until(lock_gone, 5)  # (expired: a's lock lives max(lock_timeout, 1s) + 1s)
+        version["now"] = 1
+        assert (await b.get("/obj")).body == b"v1"
+
+        def done(proc: ProxyProcess, *events: str) -> Callable[[], Awaitable[bool]]:
+            async def check() -> bool:
+                m = await metrics(proc)
+                return sum(m[("cachegate_cluster_shared_total", (("event", e),))] for e in events) > 0
+            return check
+
+        await wait_until(done(b, "written"), 10)  # b's fill is written through,
+        await wait_until(lock_gone, 5)  # and its lock let go: no lock held when a's write comes
+        go_on.set()
+        assert (await slow).body == b"v0"
+        await wait_until(done(a, "written", "write_voided"), 10)
+        r = await c.get("/obj")
+        assert (r.body, r.x_cache) == (b"v1", "HIT")
+        assert origin.count("/obj") == 2
+        m = await metrics(a)
+        assert m[("cachegate_cluster_shared_total", (("event", "write_voided"),))] == 1
+    finally:
+        go_on.set()
+        await nodes.stop_all()
+        await redis.aclose()
 
 
 async def test_a_node_of_two_workers_waiting_on_a_dead_lock_holder_makes_one_origin_request(

@@ -1,10 +1,11 @@
 """The shared tier's scripts against a real Redis, without nodes: what a purge removes when Redis
-evicted an index set (``maxmemory-policy volatile-lru``), and the fill fence across a Redis
-that restarted empty."""
+evicted an index set (``maxmemory-policy volatile-lru``), the fill fence across a Redis
+that restarted empty, and fills slower than their lock."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import time
@@ -333,5 +334,73 @@ async def test_records_of_an_older_layout_are_counted_and_said_once(
         assert len(logged) == 1, logged
         assert "written by a node of an older cachegate" in logged[0]
         assert 'event="foreign_layout"' in logged[0] and "/old/" not in logged[0]
+    finally:
+        await tier.close()
+
+
+@pytest.mark.parametrize("lost", ["expired", "evicted"])
+async def test_a_fill_that_lost_its_lock_does_not_overwrite_the_newer_fill(
+        shared_redis: RedisServer, lost: str) -> None:
+    """a's fill outlasts its lock (expired, or evicted); b takes the lock, writes v1 and lets go.
+    a's v0 then found no lock at all, and was written over v1: what the shared tier held went
+    back to the older response (RFC 9111 §4: the most recent one is to be used)."""
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    a, b = tier_on(shared_redis, ns), tier_on(shared_redis, ns)
+    try:
+        slow = await a.lookup(HOT, 0.2 if lost == "expired" else 5.0)
+        assert isinstance(slow, Locked), slow
+        if lost == "expired":
+            await asyncio.sleep(0.3)
+        else:
+            assert await a._redis.delete(f"{ns}:l2:lock:{HOT}") == 1
+        await fill(b, HOT, b"v1")
+        now = time.time()
+        assert not await a.write(entry(HOT, b"v0", now), b"v0", slow, now)
+        await a.release(HOT, slow, "failed")
+        assert (a.counts["write_voided"], a.counts["written"]) == (1, 0)
+        assert await bodies(b, HOT) == {b"v1"}
+        await fill(a, HOT, b"v2")  # (a fill that took the lock after it replaces it)
+        assert await bodies(b, HOT) == {b"v2"}
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_variant_an_earlier_build_wrote_without_a_token_is_replaced_by_a_fill(
+        shared_redis: RedisServer) -> None:
+    """A rolling upgrade: a node of the build before the tokens wrote ``BODY_ID\nSETS\nRECORD``;
+    a node of this one reads it, and replaces it with its own fill."""
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    tier = tier_on(shared_redis, ns)
+    try:
+        assert await tier.lookup(HOT, 0) is None  # (a miss: the generation exists)
+        base = f"{ns}:l2:{await generation(tier)}"
+        now = time.time()
+        old = entry(HOT, b"before", now)
+        sets = json.dumps([f"u:{HOT}", f"h:{SITE}"]).encode()
+        await tier._redis.hset(f"{base}:m:{HOT}", "[]", b"\n".join((old.body_id.encode(), sets,
+                                                                     encode_variants((old,)))))
+        await tier._redis.set(f"{base}:b:{old.body_id}", b"before")
+        for s in (f"u:{HOT}", f"h:{SITE}"):
+            await tier._redis.sadd(f"{base}:{s}", HOT)
+        assert await bodies(tier, HOT) == {b"before"}
+        await fill(tier, HOT, b"after")
+        assert await bodies(tier, HOT) == {b"after"}
+    finally:
+        await tier.close()
+
+
+async def test_fills_go_on_being_written_when_the_fence_is_lost_and_the_variants_stay(
+        shared_redis: RedisServer) -> None:
+    """The fence (an INCR counter) is lost while the variants stay (an allkeys-* eviction): it
+    starts again above the tokens they were written with, not at 1, below them all."""
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    tier = tier_on(shared_redis, ns)
+    try:
+        await tier._redis.set(f"{ns}:l2:fence", 1000)  # (locks were taken before)
+        await fill(tier, HOT, b"v0")
+        assert await tier._redis.delete(f"{ns}:l2:fence") == 1
+        await fill(tier, HOT, b"v1")
+        assert await bodies(tier, HOT) == {b"v1"}
     finally:
         await tier.close()
