@@ -317,8 +317,8 @@ class ClusterNode:
         self._closing = True
         if self._redis is not None and self.connected:
             with contextlib.suppress(*REDIS_DOWN):  # not a twin's heartbeat: only our own
-                await asyncio.wait_for(self._redis.eval(LEAVE, 2, self.names.node(self.name), self._alive,
-                                                        self.instance, self.name), self.settings.timeout)
+                await self._redis.eval(LEAVE, 2, self.names.node(self.name), self._alive, self.instance,
+                                       self.name)
         self.state = "stopped"
         self._beat_deadline = 0.0
         self._release_hits()

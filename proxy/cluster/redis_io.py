@@ -6,6 +6,13 @@ the client (a slow or dead Redis must turn into "Redis unreachable" within
 ``cluster.timeout``, not into a request that hangs), and the caller decides what
 a failure means (a purge answers 503, a shared-tier lookup becomes a miss).
 
+Every command is bounded as a whole (``Bounded``): a new connection's set-up (the TCP and TLS
+handshakes, then HELLO and CLIENT SETNAME, one round trip each) counts in the same
+``cluster.timeout`` as the command it is made for. Bounding each socket read and the connect on
+their own let one call that had to open a connection take several timeouts (a 0.9 s round trip:
+misses of 4.5 s, purges of up to 11.75 s with ``cluster.timeout`` 1s). redis-py's CLIENT SETINFO
+calls are not sent: they name the library in ``CLIENT LIST`` and cost a round trip more.
+
 A connection that dies without being closed (a NAT, conntrack table or load balancer
 that drops an idle flow sends no reset) fails the next command within
 ``cluster.timeout`` too, but a subscribed one sends no commands: it only waits for
@@ -28,6 +35,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.cluster.settings import ClusterSettings
 
@@ -36,6 +44,19 @@ REDIS_DOWN: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError
 # TCP keepalive on every TCP connection to Redis: first probe after 5 s idle, then every 2 s, and
 # the connection fails after 3 unanswered (redis-py's default waits 30 s; older ones send none).
 KEEPALIVE = (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3))
+
+
+def _no_setinfo() -> dict[str, Any]:
+    """The client options that leave out CLIENT SETINFO: ``driver_info=None`` from redis-py 7.1
+    on (``lib_name`` and ``lib_version`` warn there), both of those set to None before."""
+    try:
+        import redis.driver_info  # noqa: F401
+    except ImportError:
+        return {"lib_name": None, "lib_version": None}
+    return {"driver_info": None}
+
+
+NO_SETINFO = _no_setinfo()
 
 
 @dataclass(frozen=True)
@@ -119,14 +140,35 @@ def keepalive_options() -> dict[int, int]:
     return options
 
 
-def client(settings: ClusterSettings, *, decode: bool, blocking: float = 0.0) -> aioredis.Redis:
-    """A client for ``cluster.redis`` that fails within ``cluster.timeout`` (plus ``blocking``
-    for a connection that waits in XREAD BLOCK), with TCP keepalive (not on a unix socket,
-    whose connections take no such options)."""
+class Bounded(aioredis.Redis):
+    """A client each of whose commands fails within ``bound`` seconds as a whole: the wait for
+    a connection and its set-up included (``RedisTimeoutError``, as a socket read's timeout;
+    redis-py drops a connection whose set-up or reply was cut short, never reuses it). Every
+    command goes through ``execute_command`` (a script, a GET, an XREAD, a PING, ...)."""
+
+    bound = 1.0
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        limit = asyncio.timeout(self.bound)
+        try:
+            async with limit:
+                return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call, unused-ignore]
+        except TimeoutError:
+            if not limit.expired():
+                raise
+            raise RedisTimeoutError(f"Timeout: no reply within {self.bound:g}s, a new connection's set-up "
+                                    "included") from None
+
+
+def client(settings: ClusterSettings, *, decode: bool, blocking: float = 0.0) -> Bounded:
+    """A client for ``cluster.redis`` whose every command fails within ``cluster.timeout``
+    (plus ``blocking`` for a connection that waits in XREAD BLOCK), a new connection's set-up
+    included (``Bounded``), with TCP keepalive (not on a unix socket, whose connections take no
+    such options)."""
     tcp: dict[str, Any] = {}
     if not settings.redis.lower().startswith("unix:"):
         tcp = {"socket_keepalive": True, "socket_keepalive_options": keepalive_options()}
-    return aioredis.Redis.from_url(
+    redis = Bounded.from_url(
         settings.redis,
         decode_responses=decode,
         # Bytes that are not UTF-8 (another program's) decode to lone surrogates, which the
@@ -139,8 +181,12 @@ def client(settings: ClusterSettings, *, decode: bool, blocking: float = 0.0) ->
         retry_on_timeout=False,
         health_check_interval=0,
         client_name=f"cachegate:{settings.node}",
+        **NO_SETINFO,
         **tcp,
     )
+    assert isinstance(redis, Bounded)  # (``from_url`` is typed to make a plain client)
+    redis.bound = settings.timeout + blocking
+    return redis
 
 
 def raise_if_cancelled() -> None:

@@ -113,7 +113,8 @@ class ClusterSettings:
     heartbeat: float = setting(1.0, "how often a node says it is alive (it is gone after 3 missed beats, "
                                     "or a beat and two timeouts)",
                                duration(positive=True, maximum=10.0))
-    timeout: float = setting(1.0, "a Redis command slower than this counts as Redis being unreachable",
+    timeout: float = setting(1.0, "a Redis call slower than this (a new connection's set-up included) counts "
+                                  "as Redis being unreachable",
                              duration(positive=True, maximum=10.0))
 
     @property
