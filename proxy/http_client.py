@@ -28,19 +28,36 @@ This client keeps what a reverse proxy needs and nothing else:
 A connection is reused only when its response was read to the end by the parser, the
 response did not ask to close, the request body was sent whole, and nothing followed the
 response: bytes after the end of a response (a second response, more body than
-``Content-Length`` said) are a framing error. When they arrive with the response itself,
-the response is refused (502); later ones close the connection (bytes on an idle pooled
-connection abort it: they are never read as the next request's response). A response that
-is not read to the end is never followed by another request on its connection.
+``Content-Length`` said) are a framing error. They close the connection when the response's
+head was delivered before they came (bytes on an idle pooled connection abort it:
+they are never read as the next request's response). Those in the very read that brought the
+head (the whole response and more, written together: ``_overrun``) must not be processed,
+cached or forwarded as a response, and may be discarded (RFC 9112 §6.3); what becomes of the
+response depends on its request:
 
-Except after a response that ends at its head (RFC 9112 §6.3): a body an origin writes after
-a 204 or a 304 (which must have none) is dropped unread, the 204/304 is the answer (a 304 to
-a revalidation freshens the stored response as any other does), the connection is closed,
-and a WARNING names the upstream; no error, nor a passive failure: as nginx does, which
-warns that the upstream sent more data than specified and keeps no such connection. Refused,
-one client's request for such a URL was a 502 and a passive failure of an upstream every
-client shares. The same read is searched for the head's end only when its status line shows
-a 204, a 304 or an interim response, or is not whole yet (``_feed_head``).
+- an idempotent one (GET, OPTIONS, TRACE, PUT, DELETE: ``proxy.upstream.IDEMPOTENT``; HEAD:
+  see *Pool desync*): refused (502, ``UpstreamOverrun``). A GET's response may be stored and
+  shared, and its ``Content-Length`` may be the one too small, its body cut short; the client
+  may ask again, nothing was done twice. No passive failure though: the upstream answered, at
+  once and whole; the framing is one handler's, and held against the upstream, one URL took it
+  out for every other URL (``passive_failure``);
+- any other (POST, PATCH): relayed, the bytes dropped, the connection closed, a WARNING naming
+  the upstream and how many bytes came (``N or more``: only those in the response's read are
+  seen); no error, no passive failure. The origin has acted on the request: told 502, its
+  client would likely repeat it, and repeat what it did. Nothing of it is stored (only a
+  GET's answer is). nginx and Varnish relay it too.
+
+A response that is not read to the end is never followed by another request on its
+connection.
+
+Whatever the request, after a response that ends at its head (RFC 9112 §6.3): a body an
+origin writes after a 204 or a 304 (which must have none) is dropped unread, the 204/304 is
+the answer (a 304 to a revalidation freshens the stored response as any other does), the
+connection is closed, and a WARNING names the upstream; no error, nor a passive failure: as
+nginx does, which warns that the upstream sent more data than specified and keeps no such
+connection. Refused, one client's request for such a URL was a 502 and a passive failure of
+an upstream every client shares. The same read is searched for the head's end only when its
+status line shows a 204, a 304 or an interim response, or is not whole yet (``_feed_head``).
 
 Pool desync: a response whose end was not read from its own framing but inferred — the
 answer to a HEAD, or a 204/304 whose head announces a body (``Content-Length`` other than
@@ -116,7 +133,7 @@ from proxy.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
-from proxy.policy.fields import ends_at_head
+from proxy.policy.fields import content_length, ends_at_head
 from proxy.resolver import Addresses, LookupFailed, Peer, peer_of
 
 CHUNK = 64 * 1024  # the StreamReader's limit: reading stops past twice this many unread bytes
@@ -229,6 +246,14 @@ class UpstreamBodyError(UpstreamProtocolError):
     invalid response."""
 
     public = "the origin server's response body broke off (cut short, malformed or reset)"
+
+
+class UpstreamOverrun(UpstreamProtocolError):
+    """Bytes followed a whole response in the read that brought its head (more body than its
+    ``Content-Length``, or a second response): the answer to an idempotent request is refused
+    (a 502: its body may be cut short, and it may be stored; the client may ask again). One
+    handler's framing, not the upstream's state: no passive failure (``passive_failure``). The
+    answer to any other request is relayed instead (module docstring)."""
 
 
 # What ``socket()`` or ``connect()`` says when this process or machine is out of descriptors
@@ -392,10 +417,10 @@ class UpstreamConnection(BaseProtocol):
     """One keep-alive connection to an upstream; one exchange (request + response) at a time."""
 
     __slots__ = (
-        "_body_task", "_broke", "_closed_waiter", "_failed", "_got_bytes", "_head", "_head_bytes",
-        "_head_carry", "_head_method", "_interim_bytes", "_interims", "_last_read", "_message", "_on_interim",
-        "_payload", "_pool", "_read_timeout", "_read_timer", "_sent", "_stray", "_total_timer", "busy",
-        "exchange", "idle_since", "peer", "retired",
+        "_after_head", "_body_task", "_broke", "_closed_waiter", "_failed", "_got_bytes", "_head",
+        "_head_bytes", "_head_carry", "_head_method", "_idempotent", "_interim_bytes", "_interims",
+        "_last_read", "_message", "_on_interim", "_payload", "_pool", "_read_timeout", "_read_timer",
+        "_sent", "_stray", "_total_timer", "busy", "exchange", "idle_since", "peer", "retired",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: HostPool) -> None:
@@ -420,7 +445,10 @@ class UpstreamConnection(BaseProtocol):
         self._failed = False
         self._head_method = False
         self._head_carry = b""  # the last bytes fed up to a head's end, where that end may start
-        self._stray = 0  # bytes dropped after a 204/304's head (``_feed_head``): never reused
+        self._stray = 0  # bytes dropped after a 204/304's head (``_feed_head``), or after a
+        # whole response to a request that is not idempotent (``_overrun``): never reused
+        self._idempotent = True  # the exchange's request may be repeated (``_overrun``)
+        self._after_head = -1  # the bytes after the final head in its read, when ``_feed_head`` split it
         # The parser's error in what followed the final head, in the head's read (``_feed_head``):
         # the body's, told to its reader once the head is delivered.
         self._broke: Exception | None = None
@@ -449,12 +477,14 @@ class UpstreamConnection(BaseProtocol):
 
     async def request(self, head: bytes, body: AsyncIterable[bytes] | None, chunked: bool,
                       expected: int | None, *, head_method: bool, read_timeout: float,
-                      total_deadline: float | None = None, on_interim: InterimHook | None = None
-                      ) -> Response:
+                      total_deadline: float | None = None, on_interim: InterimHook | None = None,
+                      idempotent: bool = True) -> Response:
         """Send a request (head, then a streamed body if any) and wait for the response head.
 
         Interim responses (1xx but 101) that come before it go to ``on_interim`` as they
-        arrive, in order: (status, reason, fields)."""
+        arrive, in order: (status, reason, fields). ``idempotent`` false (a POST, a PATCH): a
+        whole response followed by stray bytes in its read is answered all the same
+        (``_overrun``)."""
         loop = self._loop
         transport = self.transport
         if transport is None or transport.is_closing() or self.busy:
@@ -469,6 +499,8 @@ class UpstreamConnection(BaseProtocol):
         self._head_method = head_method
         self._head_carry = b""
         self._stray = 0
+        self._idempotent = idempotent
+        self._after_head = -1
         self._broke = None
         self._parser = strict_response_parser(self, loop, head=head_method, name=self._pool.name)
         head_future: asyncio.Future[Response] = loop.create_future()
@@ -490,10 +522,18 @@ class UpstreamConnection(BaseProtocol):
         if self._stray:
             # Logged here, in the context of the request the bytes followed: ``data_received``
             # runs in the one captured when the connection was made (its first request's).
-            logging.getLogger("cachegate.upstream").warning(
-                "upstream %s: %d or more bytes of body after a %d response, which has none (RFC 9112 "
-                "§6.3): dropped, the %d answered, the connection closed", self._pool.name,
-                self._stray, response.status, response.status)
+            if ends_at_head(response.status, head_method):
+                logging.getLogger("cachegate.upstream").warning(
+                    "upstream %s: %d or more bytes of body after a %d response, which has none (RFC 9112 "
+                    "§6.3): dropped, the %d answered, the connection closed", self._pool.name,
+                    self._stray, response.status, response.status)
+            else:
+                method = head[:head.find(b" ")].decode("latin-1")
+                logging.getLogger("cachegate.upstream").warning(
+                    "upstream %s: %d or more bytes after the end of the %d response to %s (RFC 9112 §6.3): "
+                    "dropped, the %d answered (the %s may have been acted on: not refused, which the "
+                    "client might repeat), the connection closed", self._pool.name, self._stray,
+                    response.status, method, response.status, method)
         return response
 
     async def _send_body(self, body: AsyncIterable[bytes], chunked: bool, expected: int | None) -> None:
@@ -658,8 +698,12 @@ class UpstreamConnection(BaseProtocol):
                 self._message, self._payload = message, payload
                 self._on_interim = None
             else:  # a second response to one request
-                self._fail(UpstreamProtocolError(f"{self._pool.name}: more data after the response"))
-                return
+                if self._head is None:  # (the first one's head was delivered: it is whole)
+                    self._fail(UpstreamProtocolError(f"{self._pool.name}: more data after the response"))
+                    return
+                if not self._overrun(data):
+                    return
+                break
         response_payload = self._payload
         if self._message is None or response_payload is None:
             if self._head_bytes > MAX_HEAD:  # still no end of the head: it is too long already
@@ -667,31 +711,28 @@ class UpstreamConnection(BaseProtocol):
             return
         payload = response_payload
         head = self._head
-        if payload.is_eof() and self._parser is not None:
-            # The whole response has arrived: anything that followed it is a framing error.
-            if self._leftovers():
-                if head is not None:
-                    self._fail(UpstreamProtocolError(f"{self._pool.name}: more data after the "
-                                                     "response (bad framing)"))
-                    return
-                self._message_done(reuse=False)
-            elif self._stray:  # (warned of by ``request``, in its request's context)
-                self._message_done(reuse=False)
-            else:
-                self._message_done(reuse=reusable_after(self._message, self._head_method))
-        if head is not None:
-            broke = self._broke
-            if broke is not None:  # the body failed in the head's read (``_feed_head``)
-                self._broke = None
-                if payload.is_eof():  # a whole response, and bytes after it
-                    self._fail(UpstreamProtocolError(f"{self._pool.name}: more data after the "
-                                                     "response (bad framing)"))
-                    return
+        if head is not None and self._broke is not None:  # the body failed in the head's read
+            broke, self._broke = self._broke, None  # (``_feed_head``)
+            if not payload.is_eof():
                 # Known to have failed before any of it was handed over: the head waiter gets
                 # the body's error (UPSTREAM-BROKE-OFF), not a head it would relay and then cut
                 # off. Then the flight serves a stored response stale (stale-if-error) or a 502.
                 self._fail(_payload_error(self._pool.name)(_describe(broke)))
                 return
+            if not self._overrun(data):  # a whole response, and bytes after it
+                return
+        if payload.is_eof():
+            # The whole response has arrived: anything that followed it is a framing error.
+            if self._parser is None:
+                if self._stray:  # dropped after it (``_overrun``)
+                    self._message_done(reuse=False)
+            elif self._leftovers():
+                if head is not None and not self._overrun(data):
+                    return
+                self._message_done(reuse=False)
+            else:  # (bytes dropped after a 204/304: warned of by ``request``, in its request's context)
+                self._message_done(reuse=not self._stray and reusable_after(self._message, self._head_method))
+        if head is not None:
             self._head = None
             if not head.done():
                 head.set_result(Response(self._message, payload, self, self.exchange))
@@ -727,6 +768,7 @@ class UpstreamConnection(BaseProtocol):
             data = data[end:]
             final = next((m.code for m, _ in got if not 100 <= m.code < 200 or m.code == 101), None)
             if upgraded or final is not None:  # the final head
+                self._after_head = len(data)
                 if upgraded or self._head_method:
                     pass  # the rest is dropped
                 elif final in (204, 304):
@@ -743,6 +785,36 @@ class UpstreamConnection(BaseProtocol):
                         messages += more
                 break
         return messages, upgraded
+
+    def _overrun(self, data: bytes) -> bool:
+        """Bytes followed the whole response in ``data``, the read that brought its final head
+        (more body than its ``Content-Length`` said, a second response): RFC 9112 §6.3, they
+        must not be processed as a response; discarding them is allowed. Whether the response
+        is still answered: to a request that is not idempotent (a POST, a PATCH), yes, and the
+        bytes are dropped (``_stray`` counts them, ``request`` warns) and the connection is
+        closed; to another, no: the exchange fails (``UpstreamOverrun``, a 502).
+
+        Refused, an origin's answer to a POST it had acted on was a 502 that its client would
+        likely repeat (nginx and Varnish relay it). A GET's answer may be stored and shared,
+        with a ``Content-Length`` perhaps too small for its body; refused, its client may ask
+        again: nothing was done."""
+        self._parser = None
+        message = self._message
+        after = self._after_head
+        if after < 0:  # the whole response in the exchange's first read, fed whole
+            after = len(data) - data.find(b"\r\n\r\n") - 4
+        body = data[len(data) - after:]
+        if message.chunked:
+            end = chunked_end(body)
+        else:
+            end = content_length(message.headers.getall("Content-Length", ())) or 0
+        stray = after - end if end is not None and end < after else 1
+        if self._idempotent:
+            self._fail(UpstreamOverrun(f"{self._pool.name}: {stray} or more bytes after the end of the "
+                                       f"{message.code} response (bad framing)"))
+            return False
+        self._stray = stray
+        return True
 
     def _head_too_long(self) -> None:
         self._fail(UpstreamProtocolError(
@@ -933,6 +1005,34 @@ def reusable_after(message: Any, head_method: bool) -> bool:
         length = headers.get("Content-Length")
         return "Transfer-Encoding" not in headers and (length is None or length.strip() == "0")
     return True
+
+
+def chunked_end(data: bytes) -> int | None:
+    """Where the chunked body that ``data`` starts with ends (its last chunk and trailer section
+    included); None when ``data`` holds no whole one. For a body the parser has read whole
+    already: only the stray bytes after it are measured so (``UpstreamConnection._overrun``).
+
+    >>> chunked_end(b"7;x=1\\r\\ncreated\\r\\n0\\r\\n\\r\\nXYZ"), chunked_end(b"0\\r\\nA: b\\r\\n\\r\\nXYZ")
+    (21, 11)
+    >>> chunked_end(b"7\\r\\ncrea") is None
+    True
+    """
+    at = 0
+    try:
+        while True:
+            eol = data.index(b"\r\n", at)
+            size = int(data[at:eol].partition(b";")[0], 16)
+            at = eol + 2
+            if not size:
+                break
+            at += size + 2
+        while True:  # the trailer section: fields, each on its line, then an empty line
+            eol = data.index(b"\r\n", at)
+            empty, at = eol == at, eol + 2
+            if empty:
+                return at
+    except ValueError:
+        return None
 
 
 def unsupported_coding(message: Any, head_method: bool) -> str | None:

@@ -30,11 +30,12 @@ Health:
   502/503/504 answers) takes it out only while at least half the pool (rounded
   up) stays up (``_may_take_out``, as Envoy's max_ejection_percent): one URL that
   fails or is dropped cannot take every upstream out, and a lone upstream is never
-  taken out by them. Another 5xx, a slow or broken body, a wait for a free pooled
-  connection, a pooled connection closed as the request left or a lookup of the upstream's
-  name that failed for the resolver's trouble (``DNS_ERRORS``, shared by every named upstream;
-  nothing was sent) is no passive failure; a name that does not exist (``UpstreamNoSuchName``)
-  is a ``CONNECT`` one.
+  taken out by them. Another 5xx, a slow or broken body, bytes after a whole response in
+  its read (``UpstreamOverrun``: one handler's framing), a wait for a free pooled connection,
+  a pooled connection closed as the request left or a lookup of the upstream's name that
+  failed for the resolver's trouble (``DNS_ERRORS``, shared by every named upstream; nothing
+  was sent) is no passive failure; a name that does not exist (``UpstreamNoSuchName``) is a
+  ``CONNECT`` one.
 
 A request is retried on another upstream only when the connection failed before any response
 byte arrived (refused, reset, closed with nothing read, or a connect timeout), only for
@@ -120,6 +121,7 @@ from proxy.http_client import (
     UpstreamConnectTimeout,
     UpstreamDisconnected,
     UpstreamNoSuchName,
+    UpstreamOverrun,
     UpstreamReadTimeout,
     UpstreamTotalTimeout,
     body_error_kind,
@@ -742,7 +744,7 @@ class UpstreamPool:
                 self._exhausted.succeeded()  # a connection opened: a streak of EMFILEs ended
             resp = await conn.request(head, stream, chunked, expected, head_method=method == "HEAD",
                                       read_timeout=t.read, total_deadline=total_deadline,
-                                      on_interim=on_interim)
+                                      on_interim=on_interim, idempotent=method in IDEMPOTENT)
         except UpstreamBodyError as exc:
             # A head whose body failed in the head's own read: its head was an answer (as
             # ``_body_error``: counted as ``body_broke_off``, not held against the upstream).
@@ -830,13 +832,17 @@ def passive_failure(exc: UpstreamError, conn: UpstreamConnection | None, fresh: 
     endpoint), hence the cap (``UpstreamPool._may_take_out``).
 
     None: a pooled connection that closed as the request left (the upstream's idle timeout, not
-    its state: the request is tried again), a wait for a free pooled connection that timed out
-    (``PoolWaitTimeout``: ``pool_size`` busy, perhaps with slow answers to one URL, and no
-    connection tried), a request cachegate refused to send (a CR or LF in a field), a lookup of
-    the upstream's name that failed with no address known for the resolver's trouble (no
-    answer in time, SERVFAIL, ``EAI_AGAIN``: ``DNS_ERRORS``, which every named upstream shares;
-    no connection was tried). Held against none, a name that does not exist was never taken
-    out without active checks: every other request went to it and failed."""
+    its state: the request is tried again), bytes after a whole response in its read
+    (``UpstreamOverrun``: one handler's framing, a response written twice or with too small a
+    ``Content-Length``, not the upstream's state: it answered, at once and whole; taken out,
+    every URL of that upstream lost it for the cool-down for one endpoint's sake, and the other
+    upstreams, running the same application, answer that URL alike), a wait for a free pooled
+    connection that timed out (``PoolWaitTimeout``: ``pool_size`` busy, perhaps with slow
+    answers to one URL, and no connection tried), a request cachegate refused to send (a CR or
+    LF in a field), a lookup of the upstream's name that failed with no address known for the
+    resolver's trouble (no answer in time, SERVFAIL, ``EAI_AGAIN``: ``DNS_ERRORS``, which every
+    named upstream shares; no connection was tried). Held against none, a name that does not
+    exist was never taken out without active checks: every other request went to it and failed."""
     if conn is None:
         if isinstance(exc, UpstreamNoSuchName):
             return CONNECT
@@ -844,7 +850,7 @@ def passive_failure(exc: UpstreamError, conn: UpstreamConnection | None, fresh: 
             return None
         return CONNECT if isinstance(exc, (UpstreamConnectError, UpstreamConnectTimeout)) else None
     if isinstance(exc, UpstreamProtocolError):
-        return RESPONSE
+        return None if isinstance(exc, UpstreamOverrun) else RESPONSE
     if isinstance(exc, UpstreamReadTimeout):
         return RESPONSE
     if isinstance(exc, UpstreamTotalTimeout):

@@ -24,8 +24,8 @@ from yarl import URL
 from proxy.errors import ClientBodyError, UpstreamError, UpstreamProtocolError
 from proxy.http_client import KEEPALIVE_IDLE, HostPool, reason_phrase, request_head
 from tests.conftest import MakeProxy
-from tests.harness import Clock, Origin
-from tests.security.misbehaving import Conn, raw_origins
+from tests.harness import Clock, Origin, Proxy
+from tests.security.misbehaving import Conn, RawOrigin, raw_origins
 
 Answer = Callable[[bytes], bytes | list[bytes]]  # request head -> response bytes (or packets)
 
@@ -730,6 +730,24 @@ async def test_other_responses_searched_for_their_heads_end_keep_their_body_and_
         await pool.close()
 
 
+async def both_still_serve(proxy: Proxy, failures: int) -> None:
+    """Other clients get their answers (from both upstreams, in turn), and neither upstream is
+    out nor holds a passive failure; each counted ``failures`` errors."""
+    others = await asyncio.gather(*[proxy.get(f"/ok?{i}") for i in range(6)])
+    assert [(r.status, r.body) for r in others] == [(200, b"fresh")] * 6
+    pool = proxy.runtime.pool
+    assert [(u.available(time.monotonic()), u.passive_failures, u.failures) for u in pool.upstreams] == [
+        (True, 0, failures)] * 2
+
+
+def never_reused(origin: RawOrigin, first: int) -> None:
+    """The connections of the origin's ``first`` requests carried no later one; later ones came."""
+    served = origin.requests
+    assert any(r.target.startswith("/ok") for _, r in served[first:]), served
+    for k, (conn, _) in enumerate(served[:first]):
+        assert conn not in [i for i, _ in served[k + 1:]], served
+
+
 async def test_a_body_after_a_204_or_304_takes_no_upstream_out_and_no_other_client_sees_it(
     make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -753,20 +771,14 @@ async def test_a_body_after_a_204_or_304_takes_no_upstream_out_and_no_other_clie
         for path, status in (("/nc", 204), ("/nc", 204), ("/nm", 304), ("/nm", 304)):
             reply = await proxy.get(path)
             assert (reply.status, reply.body, reply.headers["X-Origin"]) == (status, b"", "sloppy"), reply
-        others = await asyncio.gather(*[proxy.get(f"/ok?{i}") for i in range(6)])
-        assert [(r.status, r.body) for r in others] == [(200, b"fresh")] * 6
-        pool = proxy.runtime.pool
-        assert [(u.available(time.monotonic()), u.passive_failures, u.failures) for u in pool.upstreams] == [
-            (True, 0, 0)] * 2
+        await both_still_serve(proxy, failures=0)
         metrics = (await proxy.admin("GET", "/metrics")).body.decode()
         counted = re.findall(r"^cachegate_upstream_errors_total\{.*\} (\S+)$", metrics, re.M)
         assert counted and set(counted) == {"0.0"}, counted  # each kind exported, at 0 (KNOWN_LABELS)
         for origin in (a, b):
             served = origin.requests
             assert [r.target for _, r in served[:2]] == ["/nc", "/nm"]  # round robin: both to each
-            assert any(r.target.startswith("/ok") for _, r in served[2:])
-            for k, (conn, _) in enumerate(served[:2]):  # never another request on that connection
-                assert conn not in [i for i, _ in served[k + 1:]], served
+            never_reused(origin, 2)
         warned = stray_warnings(caplog)
         assert len(warned) == 4 and sum(a.url in w for w in warned) == 2 and sum(b.url in w for w in warned) == 2
 
@@ -806,3 +818,101 @@ async def test_a_304_with_a_body_to_a_revalidation_still_freshens_the_stored_res
         u = proxy.runtime.pool.upstreams[0]
         assert (u.available(time.monotonic()), u.passive_failures, u.failures) == (True, 0, 0)
         assert len(stray_warnings(caplog)) == 1
+
+
+# -- bytes after a whole response, in its read -------------------------------------------------
+
+CREATED = b"HTTP/1.1 201 Created\r\nLocation: /items/42\r\nContent-Length: 7\r\n\r\ncreated"
+CREATED_CHUNKED = (b"HTTP/1.1 201 Created\r\nLocation: /items/42\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   b"7\r\ncreated\r\n0\r\n\r\n")
+# What an origin that answered a POST without reading its body may write next: the answer to
+# the body, read as its next request. Cacheable, on purpose.
+SECOND = b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 6\r\n\r\nPOISON"
+LISTED = b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 4\r\n\r\nlist"
+
+
+def overrun_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "cachegate.upstream"
+            and r.levelno == logging.WARNING and "after the end of the" in r.getMessage()]
+
+
+def serving(answers: dict[tuple[str, str], list[bytes]]) -> Callable[[Conn], Awaitable[None]]:
+    """An origin that writes each request's packets, each in one write: (method, path) -> packets;
+    ``FRESH`` to any other request."""
+    async def serve(conn: Conn) -> None:
+        while True:
+            request = await conn.request()
+            for packet in answers.get((request.method, request.target.split("?")[0]), [FRESH]):
+                await conn.send(packet)
+                await asyncio.sleep(0.01)
+
+    return serve
+
+
+@pytest.mark.parametrize(("method", "packets", "stray"), [
+    ("POST", [CREATED + b"XYZ"], 3),  # bytes the parser refuses (as a status line)
+    ("POST", [CREATED + SECOND], len(SECOND)),  # a whole second response
+    ("POST", [CREATED + SECOND[:20]], 20),  # the start of one
+    ("PATCH", [CREATED_CHUNKED + b"XYZ"], 3),  # after the last chunk
+    ("POST", [EARLY_HINTS + CREATED + b"XYZ"], 3),  # an interim response first
+    ("POST", [CREATED[:30], CREATED[30:] + SECOND], len(SECOND)),  # the head split across reads
+], ids=["garbage", "second-response", "start-of-one", "chunked-patch", "early-hints", "split-head"])
+async def test_the_answer_to_a_post_followed_by_stray_bytes_is_relayed_and_its_connection_closed(
+    make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture, method: str, packets: list[bytes], stray: int
+) -> None:
+    """RFC 9112 §6.3: bytes after a whole response must not be taken for a response; they may
+    be dropped. The origin has acted on the POST: refused with a 502 (as before), its client
+    would likely send it again, and each such answer was a passive failure (two upstreams, one
+    failure taking one out: the first took it out for everyone). Now the 201 is relayed whole,
+    the bytes are dropped with a WARNING naming the upstream and how many came, the connection
+    is never reused, nothing is stored, and nothing is held against either upstream."""
+    caplog.set_level(logging.WARNING, logger="cachegate.upstream")
+    serve = serving({(method, "/items"): packets, ("GET", "/items"): [LISTED]})
+    async with raw_origins() as start:
+        a, b = await start(serve), await start(serve)
+        proxy = await make_proxy(config=PASSIVE, upstreams=[a.url, b.url])
+        for _ in range(2):  # round robin: one to each upstream
+            reply = await proxy.request(method, "/items", data=b'{"name": "x"}')
+            assert (reply.status, reply.body, reply.headers.get("Location")) == (201, b"created", "/items/42")
+        await both_still_serve(proxy, failures=0)
+        listed = await proxy.get("/items")  # neither the 201 nor the bytes after it were stored
+        assert (listed.status, listed.body, listed.x_cache) == (200, b"list", "MISS")
+        for origin in (a, b):
+            assert origin.requests[0][1].method == method
+            never_reused(origin, 1)
+        assert sorted(overrun_warnings(caplog)) == sorted(
+            f"upstream {origin.url}: {stray} or more bytes after the end of the 201 response to {method} "
+            f"(RFC 9112 §6.3): dropped, the 201 answered (the {method} may have been acted on: not refused, "
+            "which the client might repeat), the connection closed" for origin in (a, b))
+
+
+@pytest.mark.parametrize(("method", "packets"), [
+    ("GET", [SECOND[:-2] + b"XYZ"]),  # a Content-Length too small: the body cut short
+    ("GET", [LISTED + SECOND]),  # a second response
+    ("DELETE", [LISTED + b"XYZ"]),
+], ids=["get-cut-short", "get-second-response", "delete"])
+async def test_the_answer_to_a_get_followed_by_stray_bytes_is_a_502_that_takes_no_upstream_out(
+    make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture, method: str, packets: list[bytes]
+) -> None:
+    """An idempotent request's answer followed by stray bytes stays a 502: it may be stored and
+    shared, its body perhaps cut short by a ``Content-Length`` too small, and the client may ask
+    again. But it is one handler's framing, not the upstream's state (it answered, at once and
+    whole): no passive failure. Counted as one (two upstreams, one failure taking one out), one
+    URL took an upstream out for every other URL; now both keep serving. Nothing is stored, the
+    connection is not reused, and the error is counted (``failures``, ``kind="protocol"``)."""
+    caplog.set_level(logging.WARNING, logger="cachegate.upstream")
+    serve = serving({(method, "/broken"): packets})
+    async with raw_origins() as start:
+        a, b = await start(serve), await start(serve)
+        proxy = await make_proxy(config=PASSIVE, upstreams=[a.url, b.url])
+        for _ in range(4):  # two to each upstream
+            reply = await proxy.request(method, "/broken")
+            assert (reply.status, "UPSTREAM-INVALID" in reply.cache_status) == (502, True), reply
+        await both_still_serve(proxy, failures=2)
+        metrics = (await proxy.admin("GET", "/metrics")).body.decode()
+        protocol = re.findall(r'^cachegate_upstream_errors_total\{.*kind="protocol".*\} (\S+)$', metrics, re.M)
+        assert protocol == ["2.0", "2.0"], protocol
+        for origin in (a, b):  # each asked twice: nothing was stored
+            assert [r.target for _, r in origin.requests[:2]] == ["/broken"] * 2
+            never_reused(origin, 2)
+        assert not overrun_warnings(caplog)
