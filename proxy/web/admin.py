@@ -849,6 +849,10 @@ def create_admin_app(runtime: Runtime, purge_fn: PurgeFn | None = None,
         # What tells this listener's answers from the client listener's: `cachegate health`
         # requires it (with none of the fields the client listener adds to what it relays).
         response.headers[ADMIN_FIELD] = "1"
+        # Every answer here is the state of this process now, or a secret (the login's): none is
+        # for a browser's or a proxy's cache (the pages and console.js included), so this one
+        # place says so for every route, the console's and its errors too.
+        response.headers["Cache-Control"] = "no-store"
         # ``close`` beside ``keep-alive`` in an HTTP/1.0 request ends the connection (llhttp
         # reads it for HTTP/1.1 only): the reply said keep-alive, and what was pipelined behind
         # was answered. The client listener's replies see to it in ``ReplyResponse``. Here, for

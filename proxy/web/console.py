@@ -88,8 +88,7 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-store",
-}
+}  # (and Cache-Control: no-store, as every answer of the admin listener: ``create_admin_app``)
 PUBLIC_PATHS = frozenset({"/", "/console/api/login", "/console/api/session"})
 SAFE_METHODS = frozenset({"GET", "HEAD"})
 
@@ -357,7 +356,7 @@ async def static(request: web.Request) -> web.Response:
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
-    return web.json_response(body, status=status, headers={"Cache-Control": "no-store"})
+    return web.json_response(body, status=status)  # (Cache-Control: no-store: ``create_admin_app``)
 
 
 def _runtime(request: web.Request) -> Runtime:

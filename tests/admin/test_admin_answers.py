@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import pytest
 
@@ -242,3 +243,43 @@ async def test_a_1_0_admin_request_asking_to_close_beside_keep_alive_ends_the_co
     assert data.count(b"HTTP/1.") == 1, data
     head = data.partition(b"\r\n\r\n")[0].decode("latin-1").lower()
     assert "connection: keep-alive" not in head, head
+
+
+async def test_every_admin_answer_says_cache_control_no_store(origin: Origin, make_proxy: MakeProxy) -> None:
+    """Only the console's own calls said ``no-store``: /cache, /explain, /purge and /reload (a
+    URL's stored variants, its tags, what was purged) were answers a browser or a proxy between
+    it and the admin listener was free to keep. Every answer now says it, errors included."""
+    from proxy.config import Overrides
+    from proxy.web.server import install_reloader
+
+    origin.route("/p", body=b"p", headers={"Cache-Control": "max-age=300", "Surrogate-Key": "t"})
+    proxy = await make_proxy(config=f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}\n")
+    install_reloader(proxy.runtime, proxy.config_path, Overrides())
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert (await proxy.get("/p")).status == 200
+    await settle(proxy)
+    url = proxy.url + "/p"
+    calls: list[tuple[str, str, dict[str, Any], int]] = [
+        ("GET", f"/cache?url={url}", {}, 200),
+        ("POST", "/explain", {"json": {"url": url}}, 200),
+        ("GET", f"/explain?url={url}", {}, 200),
+        ("POST", "/purge", {"json": {"urls": [url]}}, 200),
+        ("POST", "/reload", {}, 200),
+        ("GET", "/stats", {}, 200),
+        ("GET", "/upstreams", {}, 200),
+        ("GET", "/metrics", {}, 200),
+        ("GET", "/healthz", {}, 200),
+        ("GET", "/", {}, 200),  # the console's page, its script and its calls
+        ("GET", "/console/static/console.js", {}, 200),
+        ("GET", "/console/api/live", {}, 200),
+        ("GET", "/cluster", {}, 404),  # (not in cluster mode) and the errors
+        ("GET", "/purge", {}, 405),
+        ("POST", "/purge", {"data": b"{"}, 400),
+        ("GET", "/cache", {}, 400),
+    ]
+    for method, path, kwargs, status in calls:
+        reply = await proxy.admin(method, path, headers=auth, **kwargs)
+        assert reply.status == status, (path, reply.status, reply.body[:200])
+        assert reply.headers.getall("Cache-Control", []) == ["no-store"], (method, path, reply.headers)
+    refused = await proxy.admin("GET", f"/cache?url={url}")  # no token: 401
+    assert refused.status == 401 and refused.headers.getall("Cache-Control", []) == ["no-store"]
