@@ -7,8 +7,10 @@ with the reason when there is still no browser.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -54,3 +56,12 @@ async def browser_page(profile: Path, width: int = 1400, height: int = 1000,
             yield page
         finally:
             await context.close()
+
+
+async def until(page: Any, expression: str, wait: float = 15.0) -> None:
+    """Poll ``expression`` in the page until it is true (page.wait_for_function evaluates a
+    string, which the console's Content-Security-Policy refuses)."""
+    deadline = time.monotonic() + wait
+    while not await page.evaluate(expression):
+        assert time.monotonic() < deadline, f"not true within {wait}s: {expression}"
+        await asyncio.sleep(0.2)

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.cluster.nodes import wait_until
-from tests.console.browser import browser_page, need_browser
+from tests.console.browser import browser_page, need_browser, until
 from tests.harness import Origin
 from tests.storage.procs import ProxyProcess, write_config
 
@@ -32,15 +32,6 @@ rules:
     match: {path: "/static/**"}
     ttl: {200: 1h}
 """
-
-
-async def until(page: Any, expression: str, wait: float = 15.0) -> None:
-    """Poll ``expression`` in the page until it is true (page.wait_for_function evaluates a
-    string, which the console's Content-Security-Policy refuses)."""
-    deadline = time.monotonic() + wait
-    while not await page.evaluate(expression):
-        assert time.monotonic() < deadline, f"not true within {wait}s: {expression}"
-        await asyncio.sleep(0.2)
 
 
 def free_port() -> int:

@@ -5,7 +5,9 @@
 // port of this host). The secret comes only from the login answer and is kept in
 // sessionStorage, which is this origin's (scheme, host and port) and this tab's only: a reload
 // of the page stays logged in, a new tab logs in again.
-// Data is only ever put into the page as text (textContent), never as markup.
+// Data is only ever put into the page as text (textContent), never as markup, and every piece
+// of it through `el`, which writes what a browser would show as nothing or use to reorder the
+// text around it as an escape (`shown`), and long values cut short (`clipped`).
 "use strict";
 
 const STATUS_COLORS = {
@@ -103,12 +105,60 @@ function seconds(s) {
 }
 function sum(obj) { return Object.values(obj || {}).reduce((a, b) => a + b, 0); }
 
+// -- text that clients and origins wrote ----------------------------------------------------------
+
+// What a browser shows as nothing or as something else, or uses to reorder what follows it:
+// controls (C0, DEL, C1: the set `cachegate top` replaces, proxy/shown.py), lone surrogates (shown
+// as the same U+FFFD whatever they were), bidi controls (U+202A-202E, U+2066-2069, U+200E/200F,
+// U+061C), line and paragraph separators, and the characters Unicode says to draw as nothing
+// (Default_Ignorable_Code_Point: zero-width space, joiners, U+FEFF, soft hyphen, variation
+// selectors...). With them a URL, a Vary value or a tag could pass for another: "acme", "acme"
+// with a zero-width space and U+202E "emca" all read "acme".
+const UNSEEN = /[\p{Cc}\p{Cs}\p{Bidi_Control}\p{Default_Ignorable_Code_Point}\u2028\u2029]/gu;
+
+function escaped(c) {
+  const n = c.codePointAt(0);
+  const hex = (width) => n.toString(16).padStart(width, "0");
+  return n < 0x100 ? "\\x" + hex(2) : n < 0x10000 ? "\\u" + hex(4) : "\\U" + hex(8);
+}
+
+// `text` with each such character written as an escape (`\u200b`, `\u202e`, `\x1b`), as
+// proxy/shown.py writes them; what it writes is left as it is (shown(shown(x)) === shown(x)).
+function shown(text) { return String(text).replace(UNSEEN, escaped); }
+
+// Cells and buttons show this much of a value (escapes counted as written); the rest is left out
+// and said: an 8 KB URL is one short row, not 3,500 px of text. The whole value stays the
+// button's (what inspect looks up) and the cell's title.
+const CLIP_CHARS = 200;
+
+// shown(text), cut after CLIP_CHARS with "…(8,150 chars)": the length of the whole value.
+function clipped(text) {
+  text = String(text);
+  let out = "";
+  for (const c of text) { // by code point: never half a surrogate pair
+    const s = c.match(UNSEEN) ? escaped(c) : c;
+    if (out.length + s.length > CLIP_CHARS) return `${out}…(${text.length.toLocaleString("en")} chars)`;
+    out += s;
+  }
+  return out;
+}
+
 // -- small DOM helpers --------------------------------------------------------------------------
 
+// Text goes in through `shown`: whatever a client or an origin wrote in it shows as written.
 function el(tag, text, cls) {
   const node = document.createElement(tag);
-  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (text !== undefined && text !== null) node.textContent = shown(text);
   if (cls) node.className = cls;
+  return node;
+}
+
+// A node showing a value from a client or an origin (a URL, a Vary value, a tag): at most
+// CLIP_CHARS of it, and the whole of it (shown) as its title when that was cut.
+function data(node, value) {
+  const text = clipped(value);
+  node.textContent = text;
+  if (text !== shown(value)) node.title = shown(value);
   return node;
 }
 
@@ -122,6 +172,7 @@ function fillTable(id, rows) {
 }
 
 function td(text, cls) { return el("td", text, cls); }
+function dataTd(value, cls) { return data(el("td", null, cls ? `${cls} data` : "data"), value); }
 
 // -- charts -----------------------------------------------------------------------------------
 
@@ -314,7 +365,7 @@ function renderTables(live) {
     if ("workers" in u) {  // --workers N: the state says in how many workers (GET /upstreams' top level)
       if (u.state !== "up") stateText += `: ${u.state}`;
     } else if (u.state && u.state !== "up" && u.state !== "down") stateText += ` (${u.state})`;
-    return [td(u.url, "url"), td(stateText, u.available ? "state-up" : "state-down"), td(u.in_flight, "num"),
+    return [dataTd(u.url, "url"), td(stateText, u.available ? "state-up" : "state-down"), td(u.in_flight, "num"),
       td(u.requests, "num"), td(u.failures, "num")];
   }));
   fillTable("top-urls", live.top_urls.map((u) => {
@@ -323,15 +374,15 @@ function renderTables(live) {
     button.type = "button";
     button.addEventListener("click", () => inspect(u.url, ""));
     cell.append(button);
-    return [td(u.url, "url"), td(u.requests, "num"), td(pct(u.hit_ratio), "num"), cell];
+    return [dataTd(u.url, "url"), td(u.requests, "num"), td(pct(u.hit_ratio), "num"), cell];
   }));
   fillTable("not-stored", live.not_stored.map((r) => {
-    const cell = td(null, "url");
-    const link = el("button", r.example, "link");
+    const cell = td(null, "url data");
+    const link = data(el("button", null, "link"), r.example);
     link.type = "button";
     link.addEventListener("click", () => inspect(r.example, ""));
     cell.append(link);
-    return [td(r.reason), td(r.count, "num"), cell];
+    return [data(td(), r.reason), td(r.count, "num"), cell];
   }));
 }
 
@@ -390,7 +441,7 @@ async function pollCluster() {
     const nodes = (cluster && cluster.nodes) || [];
     // lag: purges on the cluster's bus this node has not applied yet.
     fillTable("cluster", nodes.map((node) => [
-      td((node.node || node.name || "?") + (node.node === cluster.node ? " (this node)" : ""), "url"),
+      dataTd((node.node || node.name || "?") + (node.node === cluster.node ? " (this node)" : ""), "url"),
       td(node.state || "?", node.live === false || node.state === "gone" ? "state-down" : ""),
       td(node.lag === undefined || node.lag === null ? "–" : String(node.lag), "num"),
     ]));
@@ -434,21 +485,11 @@ async function inspect(url, headerText) {
     ]);
     const d = trace.decision || {};
     const rule = trace.rule ? `rule ${trace.rule.name} (${trace.rule.where})` : "no rule";
-    $("inspect-decision").textContent =
-      `${d.action || "?"} → X-Cache-Status: ${d.x_cache_status || "?"}; ${d.why || ""} · key ${trace.cache_key || "(none)"} · ${rule}`;
-    fillTable("variants", stored.variants.map((v) => [
-      // (null: the request that stored it did not send the field; a value is quoted, so that a
-      // field sent as "null" is not read as absent)
-      td(Object.entries(v.vary).map(([k, x]) => `${k}: ${x === null ? "(absent)" : JSON.stringify(x)}`).join("; ") || "–"),
-      td(v.status, "num"),
-      td(v.soft_purged ? "soft-purged" : v.fresh ? "fresh" : "stale"),
-      td(seconds(v.age), "num"),
-      td(seconds(v.ttl), "num"),
-      td(v.tags.join(" ") || "–"),
-      td(bytes(v.size), "num"),
-      td(v.tiers.join(", ")),
-      td(v.hits, "num"),
-    ]));
+    $("inspect-decision").replaceChildren(
+      el("span", `${d.action || "?"} → X-Cache-Status: ${d.x_cache_status || "?"}; `),
+      el("span", d.why || "", "data"), el("span", " · key "),
+      data(el("span", null, "data"), trace.cache_key || "(none)"), el("span", ` · ${rule}`));
+    fillTable("variants", variantRows(stored.variants));
     if (!stored.variants.length) fillTable("variants", [[td("nothing stored for this URL")]]);
     $("inspect-rules").replaceChildren(...(trace.rules || []).map((r) => {
       const item = el("li", `${r.name} (${r.where}): ${r.holds ? "holds" + (r.role ? " · " + r.role : "") : r.why}`);
@@ -459,6 +500,38 @@ async function inspect(url, headerText) {
   } catch (err) {
     $("inspect-error").textContent = err.message;
   }
+}
+
+// One row a stored variant. `hits` is the key's (memory-tier lookups of all its variants
+// together: docs/admin-api.md), not the variant's: shown once per key, in a cell spanning its
+// variants' rows, the largest of theirs (a variant held in no worker's memory says 0).
+function variantRows(variants) {
+  const byKey = new Map();
+  for (const v of variants) byKey.set(v.key, [...(byKey.get(v.key) || []), v]);
+  const rows = [];
+  for (const group of byKey.values()) {
+    group.forEach((v, i) => {
+      const row = [
+        // (null: the request that stored it did not send the field; a value is quoted, so that
+        // a field sent as "null" is not read as absent)
+        dataTd(Object.entries(v.vary).map(([k, x]) => `${k}: ${x === null ? "(absent)" : JSON.stringify(x)}`).join("; ") || "–"),
+        td(v.status, "num"),
+        td(v.soft_purged ? "soft-purged" : v.fresh ? "fresh" : "stale"),
+        td(seconds(v.age), "num"),
+        td(seconds(v.ttl), "num"),
+        dataTd(v.tags.join(" ") || "–"),
+        td(bytes(v.size), "num"),
+        td(v.tiers.join(", ")),
+      ];
+      if (i === 0) {
+        const lookups = td(Math.max(...group.map((g) => g.hits || 0)), "num lookups");
+        lookups.rowSpan = group.length;
+        row.push(lookups);
+      }
+      rows.push(row);
+    });
+  }
+  return rows;
 }
 
 async function purge(event) {
