@@ -675,7 +675,8 @@ def _pem_path(field: str) -> Parser[str]:
 class ListenerTLS:
     """A TLS listener's certificate chain and key (PEM files), read again on SIGHUP."""
 
-    cert: str = setting(doc="the certificate chain (PEM)", parse=_pem_path("cert"), missing=" (a PEM file)")
+    cert: str = setting(doc="the certificate chain (PEM): the server's certificate first, then the "
+                            "intermediates", parse=_pem_path("cert"), missing=" (a PEM file)")
     key: str = setting(doc="its private key (PEM, unencrypted)", parse=_pem_path("key"),
                        missing=" (a PEM file)")
 

@@ -84,10 +84,23 @@ def pem_file_problem(path: str, exc: OSError) -> str:
     """Why a TLS listener's certificate or key file cannot be read, naming it: OpenSSL's own
     words ("No such file or directory") said neither which file it was nor what is wrong."""
     if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
-        return f"{path} does not exist"
+        return missing_file(path)
     if os.path.isdir(path):
         return f"{path} is a directory (a PEM file is expected)"
     return f"cannot read {path}: {exc.strerror or exc}"
+
+
+def missing_file(path: str) -> str:
+    """``path`` does not exist, said so; a symbolic link whose target is missing (certbot's
+    ``live/`` links into ``archive/``, pruned or not copied along) is named with its target:
+    "does not exist" of a path ``ls`` shows sent people looking at the wrong file."""
+    try:
+        target = os.readlink(path)
+    except OSError:  # not a link (or a folder on the way is missing)
+        return f"{path} does not exist"
+    final = os.path.realpath(path)
+    through = "" if final == target else f" ({final})"
+    return f"{path} is a symbolic link to {target}{through}, which does not exist"
 
 
 @contextlib.contextmanager
@@ -150,6 +163,12 @@ def what_went_wrong(cert: str, key: str, pem: tuple[bytes, bytes]) -> str | None
     if not has_cert and not has_key and _PRIVATE_KEY.search(cert_data) and _CERTIFICATE in key_data:
         return (f"the two are swapped: {cert} (tls.cert) holds a private key and {key} (tls.key) a "
                 "certificate")
+    for path, field, data, has in ((cert, "cert", pem[0], has_cert), (key, "key", pem[1], has_key)):
+        der = None if has else der_kind(data)
+        if der is not None:
+            tool = "x509" if der == "certificate" else "pkey"
+            return (f"{path} (tls.{field}) is a DER {der}, not PEM: convert it with `openssl {tool} "
+                    f"-inform DER -in {path} -out {path}.pem` and name that file")
     if not has_cert:
         return f"{cert} (tls.cert) holds no certificate (-----BEGIN CERTIFICATE-----): {_holds(cert_data)}"
     if not has_key:
@@ -158,11 +177,58 @@ def what_went_wrong(cert: str, key: str, pem: tuple[bytes, bytes]) -> str | None
         broken = _broken_block(data)
         if broken is not None:
             return f"{path} (tls.{field}) holds {broken}"
+    owner = _key_owner(pem)  # first: the first certificate's key type is then not the key's own
+    if owner is not None:
+        return (f"the key belongs to certificate {owner} of {cert}, not to the first: the server's "
+                "certificate must come first, then the certificates that signed it (a chain in the "
+                "wrong order, or another certificate put before it)")
     cert_kind, kind = certificate_key_kind(cert_data), key_kind(key_data)
     if "unknown" not in (cert_kind, kind) and cert_kind != kind:
         return (f"the certificate in {cert} has an {cert_kind} key but {key} is an {kind} key: the key "
                 "must be the certificate's own")
     return None
+
+
+def _key_owner(pem: tuple[bytes, bytes]) -> int | None:
+    """Which later certificate of the chain (2, 3, ...) the key belongs to, when not to the
+    first: OpenSSL serves the file's first certificate and says only ``KEY_VALUES_MISMATCH``
+    of an intermediate put before the server's certificate. Each later one is tried with the
+    key (through ``_pem_files``); asked only after a load failed."""
+    blocks = [m.group(0) for m in _CERTIFICATE_BLOCK.finditer(pem[0][:1 << 20])]
+    for n, block in enumerate(blocks[1:16], 2):
+        try:
+            with _pem_files(block + b"\n", pem[1]) as (cert, key):
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                    cert, key, password=_no_passphrase)
+        except (ssl.SSLError, OSError):
+            continue
+        return n
+    return None
+
+
+def der_kind(data: bytes) -> str | None:
+    """"certificate" or "private key" when ``data`` is one DER structure (a SEQUENCE whose
+    length is the file's: ``openssl ... -outform DER``, a Windows ``.cer``), else None; its
+    first element tells which: a certificate's is a SEQUENCE (``tbsCertificate``), a key's
+    (PKCS#1, PKCS#8, SEC1) an INTEGER (its version). OpenSSL said only that the file holds no
+    PEM.
+
+    >>> der_kind(bytes([0x30, 0x82, 0x00, 0x04, 0x30, 0x02, 0x05, 0x00]))
+    'certificate'
+    >>> der_kind(bytes([0x30, 0x03, 0x02, 0x01, 0x00])), der_kind(bytes([0x30, 0x03]) + b"abcd")
+    ('private key', None)
+    """
+    if len(data) < 4 or data[0] != 0x30:
+        return None
+    size, head = data[1], 2
+    if size & 0x80:  # the long form: the next (size & 0x7F) bytes hold the length
+        width = size & 0x7F
+        if not 1 <= width <= 4 or len(data) < 2 + width:
+            return None
+        size, head = int.from_bytes(data[2:2 + width], "big"), 2 + width
+    if head + size != len(data) or head >= len(data):
+        return None
+    return {0x30: "certificate", 0x02: "private key"}.get(data[head])
 
 
 _BEGIN = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
@@ -255,7 +321,7 @@ def ca_file_problem(path: str, read: bytes | OSError) -> str | None:
     (garbage, empty, a private key) name no file (``[X509: NO_CERTIFICATE_OR_CRL_FOUND]``)."""
     if isinstance(read, OSError):
         if isinstance(read, (FileNotFoundError, NotADirectoryError)):
-            return f"{path} does not exist"
+            return missing_file(path)
         if os.path.isdir(path):
             return (f"no CA certificate in {path}: it is a directory (a PEM file of CA certificates "
                     "is expected)")
