@@ -715,6 +715,10 @@ rule files have their own reference, [rules.md](rules.md).
   /8 (IPv4) or a /32 (IPv6; unique-local `fc00::/7` and link-local `fe80::/10` are not), as
   `0.0.0.0/0` or `::/0` (everyone may set forwarding fields, or purge), and
   `upstream.tls.verify: false` (upstream certificates are not checked).
+- A TLS listener's certificate that loads but that clients refuse, expired or not valid yet,
+  or that expires within 14 days, is a warning at its `cert` line (`check`, a start, a reload:
+  its answer's `warnings`), saying the date; `--strict` refuses it
+  ([deploy.md](deploy.md#listeners-and-tls)).
 - A reload (SIGHUP, `POST /reload`) applies most keys at once; `listen` (its addresses),
   `admin.listen`, `upstreams`, `upstream`, `workers`, `cluster` and every `cache` key but
   `cache.tag_headers`, `cache.lock_timeout` and `cache.range_fill` keep their running values

@@ -24,7 +24,8 @@ every worker to the supervisor. Merging rules:
   from the supervisor alone (every worker sees the same shared memory and disk);
 - other gauges are summed over workers (requests in flight), except
   ``cachegate_upstream_up``, the mean over workers (0.5: half of the workers send it
-  traffic).
+  traffic), and ``cachegate_tls_certificate_expiry_seconds``, the earliest over workers
+  (a time: the first certificate a client may be served that expires).
 """
 
 from __future__ import annotations
@@ -76,8 +77,10 @@ SHARED_TIER = frozenset({"cachegate_cache_entries", "cachegate_cache_bytes", "ca
 # Families describing each worker's own upstream pool: workers only, never the supervisor's.
 # cachegate_fast_path_enabled too: the processes with client listeners (0.5: half of them).
 WORKER_ONLY = frozenset({"cachegate_upstream_up", "cachegate_upstream_in_flight",
-                         "cachegate_fast_path_enabled"})
+                         "cachegate_fast_path_enabled", "cachegate_tls_certificate_expiry_seconds"})
 MEAN_GAUGES = frozenset({"cachegate_upstream_up", "cachegate_fast_path_enabled"})
+# Gauges that hold a time: the earliest over workers, never a sum.
+MIN_GAUGES = frozenset({"cachegate_tls_certificate_expiry_seconds"})
 
 # The label sets each labelled counter below is known to take, exported at 0 from the start
 # (``Metrics.__init__``): rate() and increase() read a series' first sample as its start, so a
@@ -343,6 +346,9 @@ class Metrics:
         # Whether this process's client listeners answer fresh hits on the fast path (set when
         # they start: ``proxy.web.server.start_proxy_listener``); None: it has none.
         self.fast_path: FastPathState | None = None
+        # Per TLS listener (its address), the notAfter of the certificate it serves, a Unix
+        # time: set when it starts and at each reload (``proxy.web.server``).
+        self.tls_expiry: dict[str, float] = {}
         # -- deploy and operate: the build and the processes ---------------------------------
         self.process_label = "0"  # this process in cachegate_worker_*: a worker id, or "supervisor"
         self._process = ProcessCollector(registry=r)  # process_*, read from /proc when scraped
@@ -363,6 +369,13 @@ class Metrics:
                                       "general path", labels=["reason"])
             gauge.add_metric([fast.reason], 1 if fast.enabled else 0)
             yield gauge
+        # Always named (no series without a TLS listener), as the documented table lists it.
+        expiry = GaugeMetricFamily("cachegate_tls_certificate_expiry_seconds",
+                                   "When the certificate a TLS listener serves expires (its notAfter, "
+                                   "a Unix time), by listener", labels=["listener"])
+        for listener, when in sorted(self.tls_expiry.items()):
+            expiry.add_metric([listener], when)
+        yield expiry
         label = [self.process_label]
         frozen = GaugeMetricFamily("cachegate_worker_gc_frozen_objects",
                                    "Objects start-up built that the garbage collector no longer scans "
@@ -552,7 +565,10 @@ class ClusterMetrics:
                     if name in SHARED_TIER and is_worker:
                         continue  # the machine's memory and disk: counted once, by the supervisor
                     k = (name, sample, tuple(sorted(labels.items())))
-                    sums[k] = sums.get(k, 0.0) + value
+                    if name in MIN_GAUGES:
+                        sums[k] = min(sums.get(k, value), value)
+                    else:
+                        sums[k] = sums.get(k, 0.0) + value
                     counts[k] = counts.get(k, 0) + 1
 
         add(own, False)

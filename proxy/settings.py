@@ -28,6 +28,7 @@ import os
 import re
 import socket
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -65,7 +66,15 @@ from proxy.schema import (
     text,
     type_name,
 )
-from proxy.tls import ENCRYPTED_KEY, ca_file_problem, load_problem, pem_file_problem, pem_is_encrypted
+from proxy.tls import (
+    ENCRYPTED_KEY,
+    ca_file_problem,
+    certificate_dates,
+    load_problem,
+    pem_file_problem,
+    pem_is_encrypted,
+    validity_problem,
+)
 from proxy.units import shown, yaml_number
 from proxy.yamlsrc import Src
 
@@ -698,6 +707,24 @@ def _tls_null(ctx: Context) -> None:
     raise Invalid("expected {cert: FILE, key: FILE}, got nothing (null)")
 
 
+def _listener_tls() -> Parser[ListenerTLS]:
+    """``listen[].tls``; a certificate that loads but that clients refuse (expired, not valid
+    yet) or soon will (``proxy.tls.EXPIRES_SOON``) is warned of at the ``cert`` line, by
+    ``check`` (``--strict`` refuses it), a start and a reload (its answer's ``warnings``): a
+    renewal hook that copied an old file looked like a success, and every handshake failed."""
+    base = section(ListenerTLS, check=_loads, expected="{cert: FILE, key: FILE}", null=_tls_null)
+
+    def read(item: Src, ctx: Context) -> ListenerTLS:
+        tls = base.read(item, ctx)
+        dates = certificate_dates(ctx.sources.read[os.path.abspath(tls.cert)])
+        why = validity_problem(tls.cert, dates, time.time()) if dates is not None else None
+        if why is not None:
+            ctx.problems.warn(item.value.get("cert", item), f"{ctx.name}.cert: {why}")
+        return tls
+
+    return replace(base, read=read)
+
+
 @dataclass(frozen=True)
 class ListenEntry:
     """A client listener written as a mapping: ``listen: {address: HOST:PORT, tls: {cert, key}}``,
@@ -705,8 +732,7 @@ class ListenEntry:
 
     address: HostPort = setting(doc="the address to listen on", parse=hostport(), missing=" (HOST:PORT)")
     tls: ListenerTLS | None = setting(None, "a TLS listener's certificate and key (none: plain HTTP)",
-                                      section(ListenerTLS, check=_loads, expected="{cert: FILE, key: FILE}",
-                                              null=_tls_null))
+                                      _listener_tls())
 
 
 @dataclass(frozen=True)

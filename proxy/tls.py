@@ -24,16 +24,25 @@ in place: the config check loads them first, and refuses the reload. A key of an
 than the running one (RSA to EC) leaves it in place too, and the reload's answer names the
 listener in ``restart_required``. cachegate never asks for
 a passphrase: OpenSSL's default would ask on the controlling terminal and block the process.
+
+A certificate that loads may still be refused by every client: expired, not valid yet, or about
+to expire. The config load reads the leaf's dates (``certificate_dates``) and warns of it at the
+``cert`` line (``check``, a start and a reload, whose answer lists it in ``warnings``;
+``check --strict`` refuses it), and each listener exports the end of the validity of the
+certificate it serves (``cachegate_tls_certificate_expiry_seconds``): a renewal hook that
+copied an old file used to look like a success.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import re
 import ssl
 import tempfile
+import time
 from collections.abc import Iterator
 
 from proxy.yamlsrc import read_regular
@@ -367,6 +376,77 @@ def key_kind(data: bytes) -> str:
     return next((kind for oid, kind in _KEY_OIDS if oid in head), "unknown")
 
 
+# -- the leaf's validity ------------------------------------------------------------------------
+
+EXPIRES_SOON = 14 * 86400  # a warning this long before the end of a certificate's validity
+
+
+def certificate_dates(cert_pem: bytes) -> tuple[float, float] | None:
+    """When the chain's first certificate (the one served, the leaf) becomes valid and stops
+    being valid (notBefore, notAfter), as Unix times; None when it cannot be read.
+
+    The standard library has no public way to read a certificate outside a handshake, the
+    ``cryptography`` package is not a dependency, and a reload must not run ``openssl`` (a
+    subprocess on the event loop): CPython's ``_ssl._test_decode_cert`` (what
+    ``SSLSocket.getpeercert`` returns, for a PEM file; there since Python 3.4, used by its own
+    tests) reads it through ``_pem_files``, and ``ssl.cert_time_to_seconds`` its dates. Where it
+    is missing (another Python), None: nothing is said, nothing is refused."""
+    decode = getattr(importlib.import_module("_ssl"), "_test_decode_cert", None)
+    first = _CERTIFICATE_BLOCK.search(cert_pem[:1 << 20])
+    if decode is None or first is None:
+        return None
+    try:
+        with _pem_files(first.group(0) + b"\n") as (path,):
+            fields = decode(path)
+        return (ssl.cert_time_to_seconds(fields["notBefore"]),
+                ssl.cert_time_to_seconds(fields["notAfter"]))
+    except (ssl.SSLError, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def validity_problem(cert: str, dates: tuple[float, float], now: float) -> str | None:
+    """What is wrong with a certificate valid from ``dates[0]`` to ``dates[1]`` at ``now`` (Unix
+    times): expired, not valid yet, or expiring within ``EXPIRES_SOON``; None when nothing is.
+
+    >>> validity_problem("c.pem", (0.0, 1580515200.0), 1580515200.0 + 3 * 86400).partition(")")[0]
+    'the certificate in c.pem expired on 2020-02-01 00:00:00 UTC (3 days ago'
+    >>> validity_problem("c.pem", (0.0, 100 * 86400.0), 90 * 86400.0 + 3600).split(" UTC")[1]
+    ', in 9 days: renew it before then (clients refuse it from then on)'
+    >>> validity_problem("c.pem", (0.0, 100 * 86400.0), 80 * 86400.0) is None
+    True
+    """
+    not_before, not_after = dates
+    if now > not_after:
+        return (f"the certificate in {cert} expired on {_utc(not_after)} ({_span(now - not_after)} "
+                "ago): clients refuse it, every handshake fails; put the renewed certificate in "
+                "place (did a renewal copy an old file?)")
+    if now < not_before:
+        return (f"the certificate in {cert} is not valid before {_utc(not_before)} (in "
+                f"{_span(not_before - now)}): clients refuse it until then (is this machine's "
+                "clock right?)")
+    if not_after - now <= EXPIRES_SOON:
+        return (f"the certificate in {cert} expires on {_utc(not_after)}, in {_span(not_after - now)}: "
+                "renew it before then (clients refuse it from then on)")
+    return None
+
+
+def _utc(when: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when))
+
+
+def _span(seconds: float) -> str:
+    """A duration in whole days (hours, minutes under two of the larger unit), rounded down.
+
+    >>> _span(9.9 * 86400), _span(30 * 3600), _span(59)
+    ('9 days', '30 hours', '0 minutes')
+    """
+    for unit, name in ((86400, "days"), (3600, "hours")):
+        if seconds >= 2 * unit:
+            return f"{int(seconds // unit)} {name}"
+    minutes = int(max(seconds, 0) // 60)
+    return f"{minutes} minute{'' if minutes == 1 else 's'}"
+
+
 def served_after_reload(served: tuple[bytes, bytes] | None,
                         loaded: tuple[bytes, bytes] | None) -> tuple[bytes, bytes] | None:
     """The certificate and key a running TLS listener serves after a reload that loaded
@@ -398,6 +478,9 @@ class ServerTLS:
         self.context = _load_pem(pem)
         self.files = (cert, key)
         self.kind = key_kind(pem[1])
+        # notAfter of the certificate served, a Unix time (None: unreadable): the metric
+        # cachegate_tls_certificate_expiry_seconds (proxy.web.server)
+        self.not_after = _not_after(pem[0])
 
     def reload(self, cert: str, key: str, pem: tuple[bytes, bytes] | None = None) -> str | None:
         """Load the new files (they may be new files at the same paths; ``pem``: their bytes as
@@ -433,4 +516,10 @@ class ServerTLS:
             log.error("TLS reload failed, the current certificate stays: %s: %s", cert, reason)
             return f"the current certificate stays: {cert} did not load ({reason})"
         self.files = (cert, key)
+        self.not_after = _not_after(pem[0])
         return None
+
+
+def _not_after(cert_pem: bytes) -> float | None:
+    dates = certificate_dates(cert_pem)
+    return None if dates is None else dates[1]

@@ -382,9 +382,10 @@ _SELF_SIGNED: dict[tuple[str, str, str], tuple[bytes, bytes, int]] = {}
 
 
 def self_signed(directory: Path, name: str, cn: str, alt_names: str) -> tuple[Path, Path]:
-    """A throwaway key and self-signed certificate (openssl), valid for a day; the test skips,
-    saying why, when there is no openssl (scripts/test installs it). The same arguments give
-    the same pair within a test run (written afresh into ``directory``); other names, other keys."""
+    """A throwaway key and self-signed certificate (openssl), valid for 90 days (a TLS listener
+    warns of one that expires within 14); the test skips, saying why, when there is no openssl
+    (scripts/test installs it). The same arguments give the same pair within a test run
+    (written afresh into ``directory``); other names, other keys."""
     import pytest
 
     key, cert = directory / f"{name}key.pem", directory / f"{name}cert.pem"
@@ -398,7 +399,7 @@ def self_signed(directory: Path, name: str, cn: str, alt_names: str) -> tuple[Pa
         pytest.skip("openssl is not installed (scripts/test installs it with apt-get where it can)")
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", f"/CN={cn}", "-addext", f"subjectAltName={alt_names}"],
+         "-days", "90", "-subj", f"/CN={cn}", "-addext", f"subjectAltName={alt_names}"],
         check=True, capture_output=True,
     )
     _SELF_SIGNED[(name, cn, alt_names)] = (key.read_bytes(), cert.read_bytes(), key.stat().st_mode & 0o777)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import resource
@@ -241,18 +242,31 @@ async def start_proxy_listeners(runtime: Runtime, settings: Settings, listeners:
         listeners.proxy_addresses.extend(bound)
         listeners.proxy_urls.extend(f"{listener.scheme}://{_fmt(h)}:{p}" for h, p in bound)
         if tls is not None:
-            runtime.on_reconfigure.append(_tls_reload(tls, index))
+            name = f"{_fmt(bound[0][0])}:{bound[0][1]}" if bound else f"listen[{index}]"
+            _export_expiry(runtime, name, tls)
+            runtime.on_reconfigure.append(_tls_reload(tls, index, functools.partial(_export_expiry, runtime,
+                                                                                     name, tls)))
 
 
-def _tls_reload(tls: ServerTLS, index: int) -> Callable[[Settings], str | None]:
-    """A reload's hook: the listener's certificate read again; when the old one stays (a key of
-    another type), a ``restart_required`` name saying why, not a silent success."""
+def _export_expiry(runtime: Runtime, listener: str, tls: ServerTLS) -> None:
+    """cachegate_tls_certificate_expiry_seconds{listener}: when the certificate served expires."""
+    if tls.not_after is None:
+        runtime.metrics.tls_expiry.pop(listener, None)
+    else:
+        runtime.metrics.tls_expiry[listener] = tls.not_after
+
+
+def _tls_reload(tls: ServerTLS, index: int, served: Callable[[], None]) -> Callable[[Settings], str | None]:
+    """A reload's hook: the listener's certificate read again (``served`` called once it is:
+    the metric of its expiry); when the old one stays (a key of another type), a
+    ``restart_required`` name saying why, not a silent success."""
 
     def reload(settings: Settings) -> str | None:
         files = settings.listeners[index].tls if index < len(settings.listeners) else None
         if files is None:
             return None
         kept = tls.reload(files.cert, files.key, settings.pem(files))
+        served()
         return None if kept is None else f"listen[{index}].tls ({kept})"
 
     return reload

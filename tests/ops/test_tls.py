@@ -615,7 +615,7 @@ def ec_pair(directory: Path) -> tuple[Path, Path]:
     """A throwaway EC key and its self-signed certificate (another key type than ``Certs``')."""
     key, cert = directory / "eckey.pem", directory / "eccert.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=ec.test",
+                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "90", "-subj", "/CN=ec.test",
                     "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
     return key, cert
 

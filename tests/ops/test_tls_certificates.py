@@ -1,24 +1,77 @@
-"""A TLS listener's certificate and key files that do not load, with certificates openssl
-makes here: check and a reload say why in the operator's terms (a chain in the wrong order,
-DER instead of PEM, a symbolic link to nothing)."""
+"""A TLS listener's certificate as clients will judge it, with certificates openssl makes here:
+one that expired, is not valid yet or expires soon is warned of (check, start, reload) and its
+end exported as a metric; files that do not load say why in the operator's terms (a chain in
+the wrong order, DER instead of PEM, a symbolic link to nothing)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import re
 import shutil
+import ssl
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.cli import main
+from proxy.config import Overrides
+from proxy.metrics import ClusterMetrics
 from proxy.tls import ServerTLS
-from tests.harness import self_signed
+from proxy.web.server import install_reloader
+from tests.conftest import MakeProxy
+from tests.harness import Origin, self_signed
+
+EXPIRED_END = 1580515200.0  # 2020-02-01 00:00:00 UTC
 
 
 def openssl(*args: str) -> None:
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed (scripts/test installs it with apt-get where it can)")
     subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def dated(directory: Path, name: str, start: str, end: str) -> tuple[Path, Path]:
+    """A key and a self-signed certificate valid from ``start`` to ``end`` (YYYYMMDDHHMMSSZ):
+    ``openssl ca`` sets both dates, where ``req -x509 -days`` only counts from now."""
+    ca = directory / f"ca-{name}"
+    ca.mkdir()
+    (ca / "index.txt").write_text("")
+    (ca / "serial").write_text("01\n")
+    (ca / "ca.cnf").write_text(
+        f"[ca]\ndefault_ca = c\n[c]\ndatabase = {ca}/index.txt\nnew_certs_dir = {ca}\nserial = {ca}/serial\n"
+        "default_md = sha256\npolicy = p\ncopy_extensions = copy\nunique_subject = no\n"
+        "[p]\ncommonName = supplied\n")
+    key, cert = directory / f"{name}.key", directory / f"{name}.pem"
+    openssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(ca / "csr"),
+            "-subj", f"/CN={name}.test", "-addext", "subjectAltName=IP:127.0.0.1")
+    openssl("ca", "-batch", "-selfsign", "-notext", "-config", str(ca / "ca.cnf"), "-keyfile", str(key),
+            "-in", str(ca / "csr"), "-out", str(cert), "-startdate", start, "-enddate", end)
+    return key, cert
+
+
+def expired(directory: Path) -> tuple[Path, Path]:
+    return dated(directory, "expired", "20200101000000Z", "20200201000000Z")
+
+
+def not_yet_valid(directory: Path) -> tuple[Path, Path]:
+    start = time.strftime("%Y%m%d%H%M%SZ", time.gmtime(time.time() + 30 * 86400))
+    return dated(directory, "later", start, "20991231000000Z")
+
+
+def expiring(directory: Path) -> tuple[Path, Path]:
+    key, cert = directory / "soon.key", directory / "soon.pem"
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+            "-days", "5", "-subj", "/CN=soon.test", "-addext", "subjectAltName=IP:127.0.0.1")
+    return key, cert
+
+
+def not_after(cert: Path) -> float:
+    return ssl.cert_time_to_seconds(ssl._ssl._test_decode_cert(str(cert))["notAfter"])  # type: ignore[attr-defined]
 
 
 class Live:
@@ -42,6 +95,110 @@ def listen(live: Live) -> str:
             "    tls:\n"
             f"      key: {live.key}\n"
             f"      cert: {live.cert}\n")
+
+
+@pytest.mark.parametrize(("make", "says"), [
+    (expired, r"the certificate in {cert} expired on 2020-02-01 00:00:00 UTC \(\d+ days ago\): clients "
+              r"refuse it, every handshake fails; put the renewed certificate in place"),
+    (not_yet_valid, r"the certificate in {cert} is not valid before \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d UTC "
+                    r"\(in (29|30) days\): clients refuse it until then \(is this machine's clock right\?\)"),
+    (expiring, r"the certificate in {cert} expires on \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d UTC, in [45] days: "
+               r"renew it before then"),
+])
+def test_check_warns_at_the_cert_line_of_a_certificate_clients_refuse_and_strict_refuses_it(
+        tmp_path: Path, make: object, says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """An expired certificate loaded without a word: check said OK, and every handshake then
+    failed. Now a warning at the cert's line, which ``--strict`` refuses."""
+    assert callable(make)
+    live = Live(tmp_path, make(tmp_path))
+    config = tmp_path / "c.yaml"
+    config.write_text(listen(live))
+    assert main(["check", "--config", str(config)]) == 0
+    out, err = capsys.readouterr()
+    assert out.endswith("1 warning(s))\n"), out
+    pattern = rf"^{re.escape(str(config))}:7: warning: listen\[1\]\.tls\.cert: " + says.format(
+        cert=re.escape(str(live.cert)))
+    assert re.search(pattern, err, re.M), err
+    assert main(["check", "--strict", "--config", str(config)]) == 2
+    assert "1 warning(s), refused by --strict" in capsys.readouterr().err
+    live.use(self_signed(tmp_path, "fresh", "fresh.test", "IP:127.0.0.1"))  # 90 days: nothing to say
+    assert main(["check", "--strict", "--config", str(config)]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def _expiry(metrics: str) -> dict[str, float]:
+    return {s.labels["listener"]: s.value for f in text_string_to_metric_families(metrics)
+            if f.name == "cachegate_tls_certificate_expiry_seconds" for s in f.samples}
+
+
+async def test_a_reload_to_an_expired_certificate_warns_in_its_answer_and_the_metric_says_when(
+        origin: Origin, make_proxy: MakeProxy, tmp_path: Path) -> None:
+    """A renewal hook that copied the old (expired) file got ``{"reloaded": true,
+    "restart_required": []}`` and nothing else. The answer's ``warnings`` now say so, and
+    cachegate_tls_certificate_expiry_seconds{listener} follows the certificate served."""
+    fresh = self_signed(tmp_path, "fresh", "fresh.test", "IP:127.0.0.1")
+    live = Live(tmp_path, fresh)
+    proxy = await make_proxy(config=f"listen:\n  - 127.0.0.1:0\n  - {{address: '127.0.0.1:0', tls: "
+                                    f"{{cert: '{live.cert}', key: '{live.key}'}}}}\n")
+    install_reloader(proxy.runtime, proxy.config_path, Overrides())
+    https = proxy.listeners.proxy_urls[1].removeprefix("https://")
+    seen = _expiry((await proxy.admin("GET", "/metrics")).body.decode())
+    assert seen == {https: not_after(fresh[1])}, seen
+    assert seen[https] > time.time() + 80 * 86400
+    old = expired(tmp_path)
+    live.use(old)
+    reply = await proxy.admin("POST", "/reload")
+    assert reply.status == 200, reply.body
+    answer = json.loads(reply.body)
+    assert answer["reloaded"] is True and answer["restart_required"] == [], answer
+    assert len(answer["warnings"]) == 1, answer
+    assert re.fullmatch(rf"{re.escape(proxy.config_path)}:\d+: warning: listen\[1\]\.tls\.cert: the certificate "
+                        rf"in {re.escape(str(live.cert))} expired on 2020-02-01 00:00:00 UTC .*",
+                        answer["warnings"][0]), answer
+    assert _expiry((await proxy.admin("GET", "/metrics")).body.decode()) == {https: EXPIRED_END}
+    live.use(fresh)
+    answer = json.loads((await proxy.admin("POST", "/reload")).body)
+    assert answer["warnings"] == [], answer
+    assert _expiry((await proxy.admin("GET", "/metrics")).body.decode()) == {https: not_after(fresh[1])}
+
+
+@pytest.mark.slow
+async def test_a_start_with_an_expired_certificate_says_so_and_every_worker_exports_its_end(
+        origin: Origin, tmp_path: Path) -> None:
+    """`cachegate run --workers 2` with an expired certificate: the start's output warns, and
+    the supervisor's /metrics gives its notAfter once (the earliest over workers, not a sum)."""
+    from tests.harness import spawn_cachegate, write_config
+
+    live = Live(tmp_path, expired(tmp_path))
+    config = write_config(str(tmp_path), origin.url,
+                          f"listen:\n  - 127.0.0.1:0\n  - {{address: '127.0.0.1:0', tls: "
+                          f"{{cert: '{live.cert}', key: '{live.key}'}}}}\n")
+    proc = await asyncio.to_thread(spawn_cachegate, ["run", "--config", config, "--workers", "2"])
+    try:
+        assert proc.admin_url is not None
+        warned = f"warning: listen[1].tls.cert: the certificate in {live.cert} expired on 2020-02-01"
+        assert any(warned in line for line in proc.output), proc.text
+        https = next(line.split("proxy listening on https://", 1)[1].split()[0] for line in proc.output
+                     if "proxy listening on https://" in line)
+
+        def scrape() -> str:
+            assert proc.admin_url is not None
+            with urllib.request.urlopen(proc.admin_url + "/metrics", timeout=15) as reply:
+                return str(reply.read().decode())
+
+        assert _expiry(await asyncio.to_thread(scrape)) == {https: EXPIRED_END}
+    finally:
+        assert await asyncio.to_thread(proc.stop) == 0, proc.text
+
+
+def test_the_expiry_over_workers_is_the_earliest_not_a_sum() -> None:
+    name = "cachegate_tls_certificate_expiry_seconds"
+
+    def snap(when: float) -> list[list[object]]:
+        return [[name, "gauge", "doc", [[name, {"listener": "127.0.0.1:443"}, when]]]]
+
+    merged = ClusterMetrics().merge(snap(5.0), [snap(2000.0), snap(1000.0)])  # (the supervisor's: ignored)
+    assert [(s.labels, s.value) for f in merged for s in f.samples] == [({"listener": "127.0.0.1:443"}, 1000.0)]
 
 
 # -- files that do not load, said in the operator's terms ------------------------------------------
