@@ -1260,8 +1260,8 @@ class ProxyServer(LimitedServer):
                        limit)
         else:
             capped.log(logging.WARNING, log, "waiting", f"{busy}: connections waiting for their client "
-                       "(idle, a request or TLS handshake unfinished, a reply unread) are closed to make "
-                       "room for new ones", limit)
+                       "(idle, a request or TLS handshake unfinished, a reply unread, a close unanswered) "
+                       "are closed to make room for new ones", limit)
 
     def closed_before_handshake(self) -> None:
         """A TLS listener closed its oldest connection not yet handshaken, to stay within

@@ -177,11 +177,16 @@ class HeadTimedHandler(RequestHandler):
         log.debug("a request head from %s was not whole within %gs (client_header_timeout): "
                   "connection closed", self.peername, self._head_timeout)
         self.head_timed_out(self._head_timeout)
-        self.force_close()
+        self.timed_out()
 
     def head_timed_out(self, timeout: float) -> None:
         """A head was not whole within ``timeout`` seconds: its connection closes next, with
         nothing answered. The proxy listener logs and counts it; here, nothing more."""
+
+    def timed_out(self) -> None:
+        """Close the connection a timeout ended (client_header_timeout; keepalive_timeout too,
+        in ``LimitedHandler``, which decides how)."""
+        self.force_close()
 
 
 def empty_lines(data: bytes) -> bool:
@@ -303,11 +308,16 @@ class LimitedHandler(HeadTimedHandler):
     is followed by a lingering close (``proxy.web.lingering``: ``closed_after``, ``linger``), so
     that the client's next bytes are read and dropped rather than answered with a reset that can
     take the reply with it. Such a connection stays listed and counted (``counted``), and is the
-    cap's first pick (``lingers``): its exchange is over."""
+    cap's first pick (``lingers``): its exchange is over.
 
-    __slots__ = ("_finished", "_found_at", "_half_closed", "_handled", "_hold_handle", "_linger_for",
-                 "_lingering", "_max_connections", "_moved_at", "_opened", "_send_handle", "_send_timeout",
-                 "_started", "_unsent")
+    So does a connection whose close waits for its client (``force_close``: a TLS one's for its
+    close_notify, up to ``send_timeout``), until its descriptor is freed: the cap picks it next
+    once its reply is out (``close_under_way``). A timeout's close with nothing left to send
+    does not wait: over TLS it is an abort (``timed_out``), as nginx closes a timed-out one."""
+
+    __slots__ = ("_closing", "_finished", "_found_at", "_half_closed", "_handled", "_hold_handle",
+                 "_linger_for", "_lingering", "_max_connections", "_moved_at", "_opened", "_send_handle",
+                 "_send_timeout", "_started", "_unsent")
 
     def __init__(self, manager: web.Server, *, max_connections: int, send_timeout: float = 0.0,
                  lingering: tuple[float, float] = (0.0, 0.0), **kwargs: Any) -> None:
@@ -339,6 +349,8 @@ class LimitedHandler(HeadTimedHandler):
         self._found_at = -CAP_STALLED
         # The cap's second look at this connection, held over ``max_connections`` (``_hold``).
         self._hold_handle: asyncio.TimerHandle | None = None
+        # The transport of a close under way that waits for the client (``force_close``).
+        self._closing: asyncio.Transport | None = None
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -362,6 +374,7 @@ class LimitedHandler(HeadTimedHandler):
         self._send_ended()
         self._hold_ended()
         super().connection_lost(exc)
+        self._closing = None  # (gone from the server's list: counted no more)
 
     def _send_ended(self) -> None:
         handle = self._send_handle
@@ -440,7 +453,24 @@ class LimitedHandler(HeadTimedHandler):
             # a sample later (closed gracefully once read, reset once its client stops).
             self._keepalive_handle = loop.call_at(now + self.sample_every(), self._process_keepalive)
             return
-        self.force_close()
+        self.timed_out()
+
+    def timed_out(self) -> None:
+        """Close the connection a timeout ended (client_header_timeout, keepalive_timeout): with
+        nothing left to send (``reply_pending``), as a limit closes one (``drop``): a TLS one is
+        aborted, with no close_notify, as nginx shuts down a timed-out connection (quietly); a
+        plain one is closed (its FIN goes at once, as before). Closed gracefully, a TLS one waited
+        up to ``send_timeout`` (the loop's ``ssl_shutdown_timeout``) for the close_notify of a
+        client that had said nothing for a timeout already, holding its descriptor: clients that
+        handshake and go silent (or stay idle after a reply) made a worker with a cap of 50 hold
+        539 connections, then fail its accepts at the open-files limit. A reply still going out
+        (a head timed out behind a reply its client has not read yet) closes gracefully, its
+        end handed over as before: such a close counts against the cap until its transport is
+        gone (``counted``, ``_closing``), and the cap closes it first once its reply is out."""
+        if self.reply_pending():
+            self.force_close()
+        else:
+            self.drop()
 
     def unsent(self, queue: int = termios.TIOCOUTQ) -> int:
         """Bytes the reply has left to send: the transport's buffers and, when its socket is
@@ -450,8 +480,9 @@ class LimitedHandler(HeadTimedHandler):
         Linux reports a socket writable again only once about a third of its send buffer is
         free (~1 MB of a large one), so the transport's buffer alone stays still for minutes
         under a client that reads steadily but slowly; the kernel's queue shrinks with each
-        acknowledgement. Measured only when a timer fires or the cap looks: no cost per request."""
-        transport = self.transport
+        acknowledgement. Measured only when a timer fires or the cap looks: no cost per request.
+        A connection whose close is under way is measured on its closing transport (``_closing``)."""
+        transport = self.transport or self._closing
         if transport is None:
             return 0
         size = transport.get_write_buffer_size()
@@ -493,8 +524,9 @@ class LimitedHandler(HeadTimedHandler):
         for good, and an abort alone left the kernel the unsent bytes (an orphan socket holding
         megabytes for as long as the client kept its end); the client sees a reset, never a
         short body that looks complete. A TLS connection is aborted too: its close would wait
-        up to ``SSL_SHUTDOWN_TIMEOUT`` for the client's close_notify, holding its descriptor."""
-        transport = self.transport
+        up to ``SSL_SHUTDOWN_TIMEOUT`` for the client's close_notify, holding its descriptor.
+        So is one whose graceful close is under way (``_closing``): it is no longer counted."""
+        transport = self.transport or self._closing
         if transport is not None:
             unsent = self.not_reading() or self.unsent(SIOCOUTQNSD) > 0  # (``reply_pending``)
             if unsent:
@@ -505,6 +537,21 @@ class LimitedHandler(HeadTimedHandler):
             if unsent or transport.get_extra_info("ssl_object") is not None:
                 transport.abort()
         self.force_close()
+        self._closing = None  # (gone at once: its descriptor is freed before the loop's next turn)
+
+    def force_close(self) -> None:
+        """aiohttp's (its transport closed, and forgotten: ``transport`` None from now on), the
+        transport kept as ``_closing`` when its close waits for the client: a TLS one's for its
+        close_notify and what its TLS layer still holds (up to ``send_timeout``), a plain one's
+        for what its buffer holds. Such a connection still holds its descriptor, and aiohttp's
+        server still lists it: the cap counts it (``counted``) and can close it (``drop``).
+        Forgotten, connections closed so were uncounted while they waited, and piled up past
+        ``max_connections`` to the open-files limit."""
+        transport = self.transport
+        if transport is not None and (transport.get_extra_info("ssl_object") is not None
+                                      or transport.get_write_buffer_size() > 0):
+            self._closing = transport
+        super().force_close()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -783,8 +830,21 @@ class LimitedHandler(HeadTimedHandler):
         return self._lingering is not None and self.counted() and self.waits_for_client()
 
     def counted(self) -> bool:
-        """Counted against the cap: not closed yet (a lingering close is not closed)."""
-        return not self._force_close or (self._lingering is not None and self.transport is not None)
+        """Counted against the cap: not closed yet (a lingering close is not closed), or closed
+        and waiting for its client (``_closing``: its descriptor is not freed yet)."""
+        return (not self._force_close or self._closing is not None
+                or (self._lingering is not None and self.transport is not None))
+
+    def close_under_way(self) -> bool:
+        """Closed by cachegate (``force_close``, or aiohttp after a reply that closes it), its
+        transport not gone yet, and nothing left to send: it only waits for its client (a TLS
+        one for its close_notify, up to ``send_timeout``). Its exchange is over: the cap closes
+        it first, with a lingering close (``oldest_waiting``). One still handing its reply over
+        is closed as an idle one is (``waits_for_client``), after them."""
+        transport = self._closing or self.transport
+        if transport is None or self._lingering is not None or not transport.is_closing():
+            return False
+        return self.unsent(SIOCOUTQNSD) <= 0
 
     def listener_stopping(self) -> bool:
         """The listener is stopping (``LimitedServer.pre_shutdown``): no close lingers then."""
@@ -801,10 +861,12 @@ def live_connections(connections: Iterable[Any]) -> list[LimitedHandler]:
 
 def oldest_waiting(live: list[LimitedHandler], new: LimitedHandler | None) -> LimitedHandler | None:
     """The oldest of ``live`` (but ``new``) that waits for its client, if any (a dict keeps the
-    order they came): one in its lingering close with its reply out (its exchange is over),
-    else one with nothing sent to its client (idle, a head or a body still coming), else one
-    whose reply its client stopped reading."""
-    for waits in (LimitedHandler.lingers, LimitedHandler.waits_for_client, LimitedHandler.reply_stalled):
+    order they came): one in its lingering close with its reply out, else one closed with its
+    reply out (``close_under_way``: a TLS one waiting for its client's close_notify) — their
+    exchange is over —, else one with nothing sent to its client (idle, a head or a body still
+    coming), else one whose reply its client stopped reading."""
+    for waits in (LimitedHandler.lingers, LimitedHandler.close_under_way, LimitedHandler.waits_for_client,
+                  LimitedHandler.reply_stalled):
         for other in live:
             if other is not new and waits(other):
                 return other
@@ -824,7 +886,8 @@ def _close_waiting(other: LimitedHandler, cap: int) -> bool:
     """Close ``other``, picked by ``oldest_waiting``: whether it was in its lingering close."""
     lingering = other.lingers()
     log.debug("more than %d connections: the oldest %s, from %s, closed", cap,
-              "in its lingering close" if lingering else "waiting for its client", other.peername)
+              "in its lingering close" if lingering else "closing" if other.close_under_way()
+              else "waiting for its client", other.peername)
     other.drop()
     return lingering
 

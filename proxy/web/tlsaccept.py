@@ -43,13 +43,16 @@ _PLAIN_HTTP_BODY = b"400 Bad Request: the plain HTTP request was sent to HTTPS p
 # buffered and exchange close_notify. The loop's TLS counts this from the close (default 30 s)
 # and then drops what its buffers hold: a large response to a client reading ~40 KB/s lost its
 # last ~400 KB over TLS, where plain HTTP (no limit on a slow reader) got all of it. 60 s, as
-# nginx's send_timeout: every connection closed (a silent client's after client_header_timeout
-# too) waits this long at most for the client's close_notify, holding a descriptor and ~57 KB;
-# 300 s held 1,500 silent connections +86 MB for five minutes. Closing those at once needs to
-# know the kernel's send queue is empty: uvloop's TLS transport does not count the TCP
-# transport's buffer under it (an abort on its count cut responses to slow readers). The
-# listener's ``send_timeout`` (read at each accept; this is the acceptor's own default): the
-# same bound on a client that reads nothing, before or after the close.
+# nginx's send_timeout: a connection closed gracefully waits this long at most for the client's
+# close_notify, holding a descriptor and ~57 KB, counted against max_connections meanwhile
+# (``LimitedHandler.force_close``). A timeout's close with nothing left to send is an abort
+# (``LimitedHandler.timed_out``, as nginx's quiet shutdown of a timed-out connection): silent
+# clients closed by client_header_timeout waited here, uncounted, past the cap to the
+# open-files limit. Telling that nothing is left to send needs the kernel's send queue too:
+# uvloop's TLS transport does not count the TCP transport's buffer under it (an abort on its
+# count cut responses to slow readers: ``LimitedHandler.unsent``). The listener's
+# ``send_timeout`` (read at each accept; this is the acceptor's own default): the same bound on
+# a client that reads nothing, before or after the close.
 SSL_SHUTDOWN_TIMEOUT = 60.0
 
 

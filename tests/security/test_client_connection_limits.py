@@ -361,6 +361,82 @@ async def test_a_tls_listener_counts_handshakes_and_frees_what_the_cap_closes(
 MID = bytes(range(256)) * 1024  # 256 KB: the kernel's send queue takes it whole, writes never pause
 
 
+def _tls_client(port: int, rcvbuf: int = 0) -> ssl.SSLSocket:
+    """A TLS connection to ``port``, its handshake done (``rcvbuf``: a receive buffer that small)."""
+    raw = socket.socket()
+    if rcvbuf:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    raw.connect(("127.0.0.1", port))
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    return ctx.wrap_socket(raw)
+
+
+def _tls_get(sock: ssl.SSLSocket, path: str, close: bool = False) -> bytes:
+    """Ask ``path`` on ``sock`` and read its reply (a one-byte body; or to the end, ``close``)."""
+    sock.settimeout(10)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: a.test\r\n{'Connection: close' if close else ''}\r\n\r\n"
+                 .encode())
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+        if not close and b"\r\n\r\n" in data and len(data.partition(b"\r\n\r\n")[2]) >= 1:
+            break
+    return data
+
+
+async def test_tls_connections_closed_by_a_timeout_or_still_closing_stay_within_max_connections(
+        origin: Origin, tmp_path: Path) -> None:
+    # A TLS connection closed by client_header_timeout or keepalive_timeout waited up to
+    # send_timeout (60 s) for its silent client's close_notify, no longer counted by the cap:
+    # clients that handshake then say nothing (or stay idle after a reply) piled up past
+    # max_connections to the open-files limit (cap 50: 539 held, then EMFILE on every accept).
+    # Now a timed-out connection with nothing left to send is aborted (nginx: no close_notify
+    # on a timed-out connection), and one whose close is still under way (a reply going out
+    # behind a head timed out) counts against the cap, which closes it to admit new ones.
+    # `cachegate run` (uvloop's TLS, as in production).
+    from tests.harness import spawn_cachegate, write_config
+
+    key, cert = self_signed(tmp_path, "cap", "a.test", "IP:127.0.0.1")
+    origin.route("/t", body=b"t", headers={"Cache-Control": "max-age=600"})
+    origin.route("/mid", body=MID, headers={"Cache-Control": "max-age=600"})
+    cap = 10
+    config = write_config(str(tmp_path), origin.url,
+                          f"listen: {{address: '127.0.0.1:0', tls: {{cert: '{cert}', key: '{key}'}}}}\n"
+                          f"max_connections: {cap}\nclient_header_timeout: 1s\nkeepalive_timeout: 1s\n"
+                          "send_timeout: 60s\n")
+    proc = await asyncio.to_thread(spawn_cachegate, ["run", "--config", config])
+    port = int(proc.proxy_url.rsplit(":", 1)[1])
+    clients: list[ssl.SSLSocket] = []
+    try:
+        for _ in range(cap // 2):  # handshaken, then silent: closed by client_header_timeout
+            clients.append(await asyncio.to_thread(_tls_client, port))
+        for _ in range(cap // 2):  # one reply read, then idle: closed by keepalive_timeout
+            clients.append(await asyncio.to_thread(_tls_client, port))
+            assert (await asyncio.to_thread(_tls_get, clients[-1], "/t")).startswith(b"HTTP/1.1 200 ")
+        # Every one of them closed, its descriptor freed, although no client said close_notify.
+        assert await until(lambda: held_sockets(port) == 0, 5), held_sockets(port)
+
+        def behind_a_head(n: int) -> None:  # a reply left unread, a head begun behind it
+            for _ in range(n):
+                clients.append(_tls_client(port, rcvbuf=4096))
+                clients[-1].sendall(b"GET /mid HTTP/1.1\r\nHost: a.test\r\n\r\nGET /t HT")
+
+        for _ in range(3):  # closed by client_header_timeout, gracefully (the reply goes out)
+            await asyncio.to_thread(behind_a_head, cap)
+            await asyncio.sleep(1.8)
+            assert held_sockets(port) <= cap, held_sockets(port)
+        served = await asyncio.to_thread(_tls_client, port)  # a new client is served as ever
+        assert (await asyncio.to_thread(_tls_get, served, "/t", True)).startswith(b"HTTP/1.1 200 ")
+        served.close()
+    finally:
+        for sock in clients:
+            sock.close()
+        await asyncio.to_thread(proc.stop)
+
+
+
+
 def fin_wait_1(port: int, clients: list[socket.socket] | None = None) -> int:
     """Sockets of ``port`` in FIN-WAIT-1: closed with bytes still unsent (an orphan, once its
     descriptor is gone, that holds them in the host's TCP memory until the client reads or goes).

@@ -353,7 +353,8 @@ async def test_lingering_connections_count_against_max_connections_and_make_room
         lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "cachegate.proxy"]
         assert lines[1:] == [("WARNING", "max_connections (3) reached in this worker: connections waiting "
                                          "for their client (idle, a request or TLS handshake unfinished, a "
-                                         "reply unread) are closed to make room for new ones")], lines
+                                         "reply unread, a close unanswered) are closed to make room for new "
+                                         "ones")], lines
         assert not any("failed" in text for _, text in lines)
     finally:
         idle[1].close()
