@@ -25,9 +25,9 @@ This client keeps what a reverse proxy needs and nothing else:
   one is tried within the connect timeout; the first to connect wins); a connection to an
   address its name no longer lists is not reused (``HostPool._readdressed``).
 
-A connection is reused only when its response was read to the end by the parser, the
-response did not ask to close, the request body was sent whole, and nothing followed the
-response: bytes after the end of a response (a second response, more body than
+A connection is reused only when its request carried no body (*Request bodies*, below), its
+response was read to the end by the parser, the response did not ask to close, and nothing
+followed the response: bytes after the end of a response (a second response, more body than
 ``Content-Length`` said) are a framing error. They close the connection when the response's
 head was delivered before they came (bytes on an idle pooled connection abort it:
 they are never read as the next request's response). Those in the very read that brought the
@@ -49,6 +49,29 @@ response depends on its request:
 
 A response that is not read to the end is never followed by another request on its
 connection.
+
+Request bodies: a connection that carried a request body (a POST, PUT or PATCH, or a GET or any
+other method with one; a body of 0 bytes is none) is closed after its response, never reused
+(``UpstreamConnection.request`` marks it ``retired``). The origin may have answered without
+reading that body, or before reading all of it, and kept the connection open (RFC 9112 §9.3:
+it MUST read the whole body or close, "otherwise, the remaining data on a persistent connection
+would be misinterpreted as the next request"); it then reads the body as its next request and
+answers that too, a moment later. Nothing in the answer it did give tells such an origin apart
+from one that read the body: its response is whole and well framed, and the connection looks
+idle. HTTP/1.1 pairs responses with requests by their order alone (RFC 9112 §9.2), so the stray
+answer, coming after the next request left on a reused connection, would be read as that
+request's response, and a GET's is stored for everyone: a client that chooses the body (a
+``GET /victim`` inside a POST's body) picks what another client's URL serves ("CL.0" desync).
+A body that was not sent whole never lets its connection be reused either: the exchange fails
+(aborted), or its answer came first and the rest is never sent (``_message_done``).
+
+nginx's ``keepalive`` is laxer: it keeps a connection whose request body was sent whole
+(``u->request_body_sent``) and closes it only when bytes arrive while it is idle; a late answer
+that arrives after the next request left is taken as that request's response there. Safety
+first: a new connection per request with a body costs one TCP (or TLS) handshake, on requests
+that are never stored and seldom the bulk of the traffic; a request without a body (every GET
+and HEAD of the hot path) reuses connections as before: what it runs for this is one false flag
+passed and tested.
 
 Whatever the request, after a response that ends at its head (RFC 9112 §6.3): a body an
 origin writes after a 204 or a 304 (which must have none) is dropped unread, the 204/304 is
@@ -430,8 +453,8 @@ class UpstreamConnection(BaseProtocol):
         self.exchange = 0
         self.idle_since = 0.0
         self.peer: Peer | None = None  # the address connected to (``HostPool._connect``)
-        # Its address is no longer the upstream's (``HostPool._readdressed``): closed when its
-        # exchange ends, never pooled again.
+        # Closed when its exchange ends, never pooled again: its address is no longer the
+        # upstream's (``HostPool._readdressed``), or its request carried a body (``request``).
         self.retired = False
         self._head: asyncio.Future[Response] | None = None
         self._on_interim: InterimHook | None = None
@@ -478,13 +501,15 @@ class UpstreamConnection(BaseProtocol):
     async def request(self, head: bytes, body: AsyncIterable[bytes] | None, chunked: bool,
                       expected: int | None, *, head_method: bool, read_timeout: float,
                       total_deadline: float | None = None, on_interim: InterimHook | None = None,
-                      idempotent: bool = True) -> Response:
+                      idempotent: bool = True, with_body: bool = False) -> Response:
         """Send a request (head, then a streamed body if any) and wait for the response head.
 
         Interim responses (1xx but 101) that come before it go to ``on_interim`` as they
         arrive, in order: (status, reason, fields). ``idempotent`` false (a POST, a PATCH): a
         whole response followed by stray bytes in its read is answered all the same
-        (``_overrun``)."""
+        (``_overrun``). ``with_body``: the request carries a body, streamed as ``body`` or
+        within ``head``: the connection is never reused after it (module docstring, *Request
+        bodies*)."""
         loop = self._loop
         transport = self.transport
         if transport is None or transport.is_closing() or self.busy:
@@ -511,6 +536,8 @@ class UpstreamConnection(BaseProtocol):
             self._read_timer = loop.call_at(self._last_read + read_timeout, self._check_read)
         if total_deadline is not None:
             self._total_timer = loop.call_at(total_deadline, self._on_total_timeout)
+        if with_body or body is not None:
+            self.retired = True  # the origin may answer the body later, as a request of its own
         transport.write(head)
         if body is not None:
             self._body_task = loop.create_task(self._send_body(body, chunked, expected))

@@ -744,7 +744,9 @@ class UpstreamPool:
                 self._exhausted.succeeded()  # a connection opened: a streak of EMFILEs ended
             resp = await conn.request(head, stream, chunked, expected, head_method=method == "HEAD",
                                       read_timeout=t.read, total_deadline=total_deadline,
-                                      on_interim=on_interim, idempotent=method in IDEMPOTENT)
+                                      on_interim=on_interim, idempotent=method in IDEMPOTENT,
+                                      # (b"": a chunked body of no bytes, sent as Content-Length: 0)
+                                      with_body=body is not None and body != b"")
         except UpstreamBodyError as exc:
             # A head whose body failed in the head's own read: its head was an answer (as
             # ``_body_error``: counted as ``body_broke_off``, not held against the upstream).

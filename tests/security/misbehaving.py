@@ -35,8 +35,9 @@ class Conn:
     writer: asyncio.StreamWriter
     origin: RawOrigin
 
-    async def request(self) -> Request:
-        """The next request head (its body, if any, is read and dropped)."""
+    async def request(self, *, read_body: bool = True) -> Request:
+        """The next request head (its body, if any, is read and dropped; left unread when not
+        ``read_body``: an origin that answers without reading it)."""
         head = await self.reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         method, target, _ = lines[0].split(" ", 2)
@@ -46,7 +47,7 @@ class Conn:
                 k, v = line.split(": ", 1)
                 headers[k.lower()] = v
         length = int(headers.get("content-length", "0"))
-        if length:
+        if length and read_body:
             await self.reader.readexactly(length)
         request = Request(method, target, headers)
         self.origin.requests.append((self.index, request))
