@@ -60,10 +60,13 @@ def relayed(fields: Message) -> str | None:
 
 
 class AdminClientError(Exception):
-    """A failed call; its message, which quotes the server, is safe to print (``shown``)."""
+    """A failed call; its message, which quotes the server, is safe to print (``shown``, once:
+    printed as it is, not shown again). ``keep=""`` writes a newline or a tab in it as an escape
+    too (a message that quotes an answer's first characters on one line); ``ours`` is a message
+    in cachegate's own words only, kept as it is (a backslash in it is not a server's)."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(shown(message))
+    def __init__(self, message: str, keep: str = "\n\t", *, ours: bool = False) -> None:
+        super().__init__(message if ours else shown(message, keep))
 
 
 class NotAdminEndpoint(AdminClientError):
@@ -232,7 +235,7 @@ def _sendable(token: str | None) -> None:
     problem = unsendable(token) if token else None
     if problem is not None:  # urllib's ValueError would read as a bad URL
         raise AdminClientError(f"the admin token {problem}, which no client can send in an "
-                               "Authorization field; remove it")
+                               "Authorization field; remove it", ours=True)  # (never quotes the token)
 
 
 def _exchange(base: str, method: str, path: str, body: Any, token: str | None,

@@ -127,7 +127,9 @@ def cmd_purge(args: argparse.Namespace) -> int:
               f'that is not a purge\'s result (a JSON object with "purged" and "soft"): '
               f'"{shown(answer.strip()[:80], keep="")}"; nothing is known to be purged', file=sys.stderr)
         return EXIT_FAILURE
-    print(shown(answer))  # the server's answer: a terminal control in it is printed escaped
+    # The server's answer: a terminal control in it is printed escaped; it is JSON, which writes
+    # its own backslashes as \\ already.
+    print(shown(answer, backslash=False))
     missing = _missing_nodes(answer)
     if missing:
         # Cluster mode, 202: the purge is made, but not yet everywhere.

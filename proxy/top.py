@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from proxy.admin_client import AdminAPI, AdminClientError, NotAdminEndpoint
-from proxy.shown import same_width, shown
+from proxy.shown import same_width
 
 STATUS_ORDER = ("HIT", "STALE", "UPDATING", "REVALIDATED", "EXPIRED", "MISS", "BYPASS", "ERROR")
 RATE_WINDOW = 5  # seconds the requests/s figures average over
@@ -233,7 +233,7 @@ class Feed:
             return json.loads(text)
         except ValueError:
             raise AdminClientError(f"the admin API at {self.options.admin} answered {path.split('?')[0]} "
-                                   f"with something that is not JSON: {_shown(text[:60])!r}") from None
+                                   f"with something that is not JSON: '{text[:60]}'", keep="") from None
 
     def poll(self) -> None:
         """One refresh; AdminClientError (the state kept as it was) when the admin API cannot be
@@ -259,9 +259,9 @@ class Feed:
             points = (points + [p for p in live["points"] if p["seq"] not in known])[-600:]
             render(live, points, self.options.admin, 120, 200, self.cluster)  # every field it reads
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-            why = f"{type(exc).__name__}: {_shown(str(exc))[:80]}"
+            why = f"{type(exc).__name__}: {str(exc)[:80]}"
             raise AdminClientError(f"the admin API at {self.options.admin} answered something that is "
-                                   f"not cachegate's live feed ({why})") from None
+                                   f"not cachegate's live feed ({why})", keep="") from None
         self.points = points
         self.seq = seq
         self.instance = instance if isinstance(instance, str) else None
@@ -322,7 +322,7 @@ def run_top(options: TopOptions, once: bool = False, out: IO[str] = sys.stdout) 
                 if str(exc).startswith("401") or isinstance(exc, NotAdminEndpoint):
                     out.write(LEAVE)
                     hint = "" if isinstance(exc, NotAdminEndpoint) else "; set CACHEGATE_ADMIN_TOKEN"
-                    print(f"cachegate top: {shown(str(exc))}{hint}", file=sys.stderr)
+                    print(f"cachegate top: {exc}{hint}", file=sys.stderr)
                     return 1
                 error = str(exc)
             size = shutil.get_terminal_size()
@@ -347,7 +347,7 @@ def _run_plain(feed: Feed, once: bool, out: IO[str]) -> int:
         try:
             feed.poll()
         except AdminClientError as exc:
-            print(f"cachegate top: {shown(str(exc))}", file=sys.stderr)
+            print(f"cachegate top: {exc}", file=sys.stderr)
             if once or str(exc).startswith("401") or isinstance(exc, NotAdminEndpoint):
                 return 1
         if feed.live is not None:

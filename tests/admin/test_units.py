@@ -11,12 +11,27 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.metrics import ClusterMetrics, Metrics, RequestWindow, hit_ratio, render_families
 from proxy.purge import PurgeSpec, host_matches, parse_purge, tags_from_headers
+from proxy.shown import same_width, shown
 
 
 @pytest.mark.parametrize("name", ["proxy.purge", "proxy.admin_client", "proxy.explain", "proxy.metrics",
                                   "proxy.shown"])
 def test_docstring_examples_hold(name: str) -> None:
     assert doctest.testmod(importlib.import_module(name)).failed == 0
+
+
+def test_shown_tells_a_control_from_text_that_reads_as_its_escape() -> None:
+    """An ESC was shown as ``\\x1b``, and so was the text ``\\x1b`` as a server sent it: the
+    one passed for the other (``shown(shown(x)) == shown(x)``). A backslash is now ``\\\\``."""
+    real, typed = "tag-\x1b[2J\u202e", "tag-\\x1b[2J\\u202e"
+    assert shown(real) == "tag-\\x1b[2J\\u202e"
+    assert shown(typed) == "tag-\\\\x1b[2J\\\\u202e"
+    assert shown(shown(real)) != shown(real)
+    assert shown("C:\\temp\n", keep="") == "C:\\\\temp\\x0a"
+    assert shown("plain text, no escapes") == "plain text, no escapes"
+    # JSON writes its own backslashes as \\: only what a terminal acts on is escaped in it.
+    assert shown('{"a": "\\\\ \\u001b \x1b"}', backslash=False) == '{"a": "\\\\ \\u001b \\x1b"}'
+    assert same_width("a\\b\x1b") == "a\\b\ufffd"  # (one for one: the columns hold)
 
 
 @pytest.mark.parametrize("headers, names, tags", [

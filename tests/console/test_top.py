@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import os
 import pty
 import re
@@ -286,6 +287,9 @@ async def test_warm_and_top_against_two_workers(origin: Origin, tmp_path: Path) 
 HOSTILE = "\x1b]0;PWNED\x07\x1b[2J\x1b[31mRED\x9b1m\u202eevil"
 HOSTILE_SHOWN = "\\x1b]0;PWNED\\x07\\x1b[2J\\x1b[31mRED\\x9b1m\\u202eevil"  # each control escaped
 RAW = ("\x1b]", "\x07", "\x1b[2J", "\x1b[31m", "\x9b", "\u202e")  # what must never reach the terminal
+LOOKALIKE = "real \x1b[2J, typed \\x1b[2J"
+LOOKALIKE_SHOWN = "real \\x1b[2J, typed \\\\x1b[2J"  # a backslash sent as such is written \\
+JSON_200 = '{"purged": 0, "soft": false, "note": "C:\\\\temp \\u001b \\"quoted\\""}'
 
 
 class BadAdmin:
@@ -307,6 +311,10 @@ class BadAdmin:
             return web.json_response({"error": "bad " + HOSTILE}, status=400 if kind == "escapes" else 401)
         if kind == "escapes 200":
             return web.Response(text='{"purged": 0, "soft": false, "note": "' + HOSTILE + '"}', content_type="application/json")
+        if kind == "lookalike":  # a real ESC, and the four characters \x1b as the server wrote them
+            return web.json_response({"error": LOOKALIKE}, status=400)
+        if kind == "json 200":
+            return web.Response(text=JSON_200, content_type="application/json")
         if kind == "partial":
             return web.json_response({"seq": 1, "points": []})
         if kind == "wrong types":
@@ -504,3 +512,26 @@ async def test_a_restart_whose_counter_passed_ours_starts_the_points_over() -> N
         state.update(seq=9)  # the same process goes on: only the new point is added
         await asyncio.to_thread(feed.poll)
         assert [p["seq"] for p in feed.points] == list(range(1, 10))
+
+
+async def test_an_admin_apis_error_that_reads_as_an_escape_is_not_shown_as_one() -> None:
+    """An ESC in an admin API's error was printed as ``\\x1b``, and so were the four characters
+    ``\\x1b`` as the server sent them: the two errors read the same. A backslash the server sent is
+    printed ``\\\\``, by ``purge`` and by ``top``; ``purge`` prints a JSON answer as it came
+    (JSON writes its own backslashes as ``\\\\``)."""
+    for command in (["purge", "--all"], ["top", "--once", "--interval", "1"]):
+        async with BadAdmin("lookalike").serving() as url:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "proxy", *command[:1], "--admin", url, *command[1:],
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            _, err = await asyncio.wait_for(proc.communicate(), 60)
+        text = err.decode()
+        assert proc.returncode == 1 and f"400 Bad Request: {LOOKALIKE_SHOWN}" in text, (command, text)
+        assert "\x1b" not in text, text
+    async with BadAdmin("json 200").serving() as url:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "purge", "--admin", url, "--all",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err
+    assert out.decode().strip() == JSON_200 and json.loads(out)["note"] == "C:\\temp \x1b \"quoted\"", out
