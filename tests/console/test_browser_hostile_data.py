@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -107,27 +108,34 @@ async def tenant_page(request: web.Request) -> web.Response:
                                                        "Surrogate-Key": f"tenant-{tenant}"})
 
 
+async def inspect_tenants(proxy: ProxyProcess, page: Any, tenants: list[str]) -> Any:
+    """A variant of /tenant stored for each ``X-Tenant`` of ``tenants``, and Inspect of it in the
+    console: its variants' rows, once there is one for each."""
+    from playwright.async_api import expect
+
+    for tenant in tenants:
+        await raw_get(proxy, b"/tenant", b"X-Tenant: " + tenant.encode() + b"\r\n")
+    await page.goto(proxy.admin_url + "/")
+    await page.fill("#inspect-url", f"http://{HOST}/tenant")
+    await page.click("#inspect-button")
+    await expect(page.locator("#inspect-result")).to_be_visible()
+    rows = page.locator("#variants tbody tr")
+    await expect(rows).to_have_count(len(tenants))
+    return rows
+
+
 async def test_invisible_and_bidi_characters_are_shown_as_escapes_so_variants_differ(
         origin: Origin, tmp_path: Path) -> None:
     """``X-Tenant: acme``, ``acme`` with a zero-width space, and U+202E (right-to-left override)
     then ``emca``: three variants stored, which Inspect showed as "acme" three times (their tags
     too). The characters that show as nothing or reorder the text are written as escapes."""
-    from playwright.async_api import expect
-
     need_browser()
     origin.route("/tenant", tenant_page)
     tenants = ["acme", "acme\u200b", "\u202eemca", "ac\u00adme\ufeff\u2066", "acme\u200d"]
     proxy = await start(tmp_path, origin)
     try:
-        for tenant in tenants:
-            await raw_get(proxy, b"/tenant", b"X-Tenant: " + tenant.encode() + b"\r\n")
         async with browser_page(tmp_path / "profile") as page:
-            await page.goto(proxy.admin_url + "/")
-            await page.fill("#inspect-url", f"http://{HOST}/tenant")
-            await page.click("#inspect-button")
-            await expect(page.locator("#inspect-result")).to_be_visible()
-            rows = page.locator("#variants tbody tr")
-            await expect(rows).to_have_count(len(tenants))
+            rows = await inspect_tenants(proxy, page, tenants)
             vary = {await rows.nth(i).locator("td").first.inner_text() for i in range(len(tenants))}
             assert vary == {'x-tenant: "acme"', 'x-tenant: "acme\\u200b"', 'x-tenant: "\\u202eemca"',
                             'x-tenant: "ac\\xadme\\ufeff\\u2066"', 'x-tenant: "acme\\u200d"'}, vary
@@ -139,6 +147,34 @@ async def test_invisible_and_bidi_characters_are_shown_as_escapes_so_variants_di
             bidi = await page.evaluate("getComputedStyle(document.querySelector('#variants td')).unicodeBidi")
             assert bidi == "isolate"
 
+            assert page.errors == [], page.errors
+    finally:
+        await proxy.stop()
+
+
+async def test_text_that_reads_as_an_escape_is_not_shown_as_one_and_cuts_count_characters(
+        origin: Origin, tmp_path: Path) -> None:
+    """A zero-width space was shown as ``\\u200b``, and so were the six characters ``\\u200b``
+    as a client sent them: ``X-Tenant: acme`` + U+200B and ``X-Tenant: acme\\u200b`` were two
+    variants whose tags read alike. A backslash is now shown ``\\\\``. And a cut value said its
+    length in UTF-16 units: 250 emoji were "(500 chars)" and only 100 of them were shown."""
+    need_browser()
+    origin.route("/tenant", tenant_page)
+    emoji = "\U0001f600" * 250
+    tenants = ["acme\u200b", "acme\\u200b", emoji]
+    proxy = await start(tmp_path, origin)
+    try:
+        async with browser_page(tmp_path / "profile") as page:
+            rows = await inspect_tenants(proxy, page, tenants)
+            cells = [[rows.nth(i).locator("td").nth(n) for n in (0, 5)] for i in range(len(tenants))]
+            texts = {(await vary.inner_text(), await tags.inner_text()) for vary, tags in cells}
+            # (a Vary value is written as JSON writes it: its backslash is \\ there already)
+            whole_vary, whole_tag = f'x-tenant: "{emoji}"', f"tenant-{emoji}"  # 262 and 257 characters
+            cut = (f"{whole_vary[:200]}…(262 chars)", f"{whole_tag[:200]}…(257 chars)")
+            assert texts == {('x-tenant: "acme\\u200b"', "tenant-acme\\u200b"),
+                             ('x-tenant: "acme\\\\u200b"', "tenant-acme\\\\u200b"), cut}, texts
+            titles = {(await vary.get_attribute("title"), await tags.get_attribute("title")) for vary, tags in cells}
+            assert (whole_vary, whole_tag) in titles, titles
             assert page.errors == [], page.errors
     finally:
         await proxy.stop()

@@ -7,7 +7,8 @@
 // of the page stays logged in, a new tab logs in again.
 // Data is only ever put into the page as text (textContent), never as markup, and every piece
 // of it through `el`, which writes what a browser would show as nothing or use to reorder the
-// text around it as an escape (`shown`), and long values cut short (`clipped`).
+// text around it as an escape, and a backslash as `\\` (`shown`), and long values cut short
+// (`clipped`).
 "use strict";
 
 const STATUS_COLORS = {
@@ -115,30 +116,39 @@ function sum(obj) { return Object.values(obj || {}).reduce((a, b) => a + b, 0); 
 // selectors...). With them a URL, a Vary value or a tag could pass for another: "acme", "acme"
 // with a zero-width space and U+202E "emca" all read "acme".
 const UNSEEN = /[\p{Cc}\p{Cs}\p{Bidi_Control}\p{Default_Ignorable_Code_Point}\u2028\u2029]/gu;
+// ... and a backslash, which their escapes start with: written `\\`, so that the six characters
+// `\u200b` as a client sent them (shown `\\u200b`) are told from a zero-width space (`\u200b`).
+const ESCAPED = new RegExp(`\\\\|${UNSEEN.source}`, "gu");
 
 function escaped(c) {
+  if (c === "\\") return "\\\\";
   const n = c.codePointAt(0);
   const hex = (width) => n.toString(16).padStart(width, "0");
   return n < 0x100 ? "\\x" + hex(2) : n < 0x10000 ? "\\u" + hex(4) : "\\U" + hex(8);
 }
 
-// `text` with each such character written as an escape (`\u200b`, `\u202e`, `\x1b`), as
-// proxy/shown.py writes them; what it writes is left as it is (shown(shown(x)) === shown(x)).
-function shown(text) { return String(text).replace(UNSEEN, escaped); }
+// `text` with each such character written as an escape (`\u200b`, `\u202e`, `\x1b`) and each
+// backslash as `\\`, as proxy/shown.py writes them. `backslash` false: text that writes its own
+// backslashes as `\\` already (JSON.stringify's), where only the unseen characters are escaped.
+function shown(text, backslash = true) { return String(text).replace(backslash ? ESCAPED : UNSEEN, escaped); }
 
-// Cells and buttons show this much of a value (escapes counted as written); the rest is left out
-// and said: an 8 KB URL is one short row, not 3,500 px of text. The whole value stays the
-// button's (what inspect looks up) and the cell's title.
+// Cells and buttons show this much of a value (characters, escapes counted as written); the rest
+// is left out and said: an 8 KB URL is one short row, not 3,500 px of text. The whole value stays
+// the button's (what inspect looks up) and the cell's title.
 const CLIP_CHARS = 200;
 
-// shown(text), cut after CLIP_CHARS with "…(8,150 chars)": the length of the whole value.
-function clipped(text) {
+// shown(text), cut after CLIP_CHARS with "…(8,150 chars)": the length of the whole value, in
+// characters (code points: an emoji is one, not its two UTF-16 units).
+function clipped(text, backslash = true) {
   text = String(text);
-  let out = "";
+  const pattern = backslash ? ESCAPED : UNSEEN;
+  let out = "", count = 0;
   for (const c of text) { // by code point: never half a surrogate pair
-    const s = c.match(UNSEEN) ? escaped(c) : c;
-    if (out.length + s.length > CLIP_CHARS) return `${out}…(${text.length.toLocaleString("en")} chars)`;
+    const s = c.match(pattern) ? escaped(c) : c; // (an escape is ASCII: one character a unit)
+    const n = s === c ? 1 : s.length;
+    if (count + n > CLIP_CHARS) return `${out}…(${Array.from(text).length.toLocaleString("en")} chars)`;
     out += s;
+    count += n;
   }
   return out;
 }
@@ -154,11 +164,12 @@ function el(tag, text, cls) {
 }
 
 // A node showing a value from a client or an origin (a URL, a Vary value, a tag): at most
-// CLIP_CHARS of it, and the whole of it (shown) as its title when that was cut.
-function data(node, value) {
-  const text = clipped(value);
+// CLIP_CHARS of it, and the whole of it (shown) as its title when that was cut. `backslash`:
+// as `shown`'s.
+function data(node, value, backslash = true) {
+  const text = clipped(value, backslash);
   node.textContent = text;
-  if (text !== shown(value)) node.title = shown(value);
+  if (text !== shown(value, backslash)) node.title = shown(value, backslash);
   return node;
 }
 
@@ -172,7 +183,9 @@ function fillTable(id, rows) {
 }
 
 function td(text, cls) { return el("td", text, cls); }
-function dataTd(value, cls) { return data(el("td", null, cls ? `${cls} data` : "data"), value); }
+function dataTd(value, cls, backslash = true) {
+  return data(el("td", null, cls ? `${cls} data` : "data"), value, backslash);
+}
 
 // -- charts -----------------------------------------------------------------------------------
 
@@ -513,8 +526,10 @@ function variantRows(variants) {
     group.forEach((v, i) => {
       const row = [
         // (null: the request that stored it did not send the field; a value is quoted, so that
-        // a field sent as "null" is not read as absent)
-        dataTd(Object.entries(v.vary).map(([k, x]) => `${k}: ${x === null ? "(absent)" : JSON.stringify(x)}`).join("; ") || "–"),
+        // a field sent as "null" is not read as absent. JSON.stringify writes a backslash and a
+        // quote in it as \\ and \": its backslashes are not doubled again.)
+        dataTd(Object.entries(v.vary).map(([k, x]) => `${k}: ${x === null ? "(absent)" : JSON.stringify(x)}`).join("; ") || "–",
+          undefined, false),
         td(v.status, "num"),
         td(v.soft_purged ? "soft-purged" : v.fresh ? "fresh" : "stale"),
         td(seconds(v.age), "num"),
