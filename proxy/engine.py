@@ -118,6 +118,7 @@ from proxy.storage.tiered import BodySpool
 from proxy.upstream import UpstreamResponse
 
 log = logging.getLogger("cachegate.engine")
+upstream_log = logging.getLogger("cachegate.upstream")  # what an upstream sent that it should not have
 # An origin's Date behind this clock is said once per upstream per this many seconds (a count
 # of the others with it): it stays so until someone sets that clock.
 DATE_BEHIND_WINDOW = 600.0
@@ -969,6 +970,8 @@ class Engine:
             raise
         name = resp.upstream.name
         took = time.monotonic() - started
+        if resp.stray:
+            self.warn_stray(request.method, resp)
         klass = resp.status // 100
         children = self._upstream_children.get((name, klass))
         if children is None:
@@ -993,6 +996,24 @@ class Engine:
         kind = body_error_kind(exc) if body else error_kind(exc)
         self.upstream_warnings.warning(logger, (exc.upstream, kind, msg, failure_text(exc)), msg, *args,
                                        stacklevel=3)
+
+    def warn_stray(self, method: str, resp: UpstreamResponse) -> None:
+        """The warning of bytes an upstream wrote after a response had ended (``resp.stray``:
+        dropped, the response answered, the connection closed), summarised as the failures are
+        (``warn_upstream``), by upstream, kind, status and method. Logged once per request, an
+        origin that wrote 10 bytes after each answer to a POST was 8,578 lines (3.3 MB) in 10 s."""
+        name, status = resp.upstream.name, resp.status
+        if ends_at_head(status):  # (a 204, a 304: the bytes came after its head)
+            self.upstream_warnings.warning(
+                upstream_log, (name, "stray_body", status, method),
+                "upstream %s: %d or more bytes of body after a %d response, which has none (RFC 9112 §6.3): "
+                "dropped, the %d answered, the connection closed", name, resp.stray, status, status)
+        else:  # after the whole answer to a request that is not idempotent (``http_client._overrun``)
+            self.upstream_warnings.warning(
+                upstream_log, (name, "stray_after", status, method),
+                "upstream %s: %d or more bytes after the end of the %d response to %s (RFC 9112 §6.3): "
+                "dropped, the %d answered (the %s may have been acted on: not refused, which the client "
+                "might repeat), the connection closed", name, resp.stray, status, method, status, method)
 
     def upstream_failed(self, plan: RequestPlan, exc: UpstreamError, fwd: str, x_cache: str | None = None,
                         collapsed: bool = False) -> Reply:

@@ -43,9 +43,10 @@ response depends on its request:
   out for every other URL (``passive_failure``);
 - any other (POST, PATCH): relayed, the bytes dropped, the connection closed, a WARNING naming
   the upstream and how many bytes came (``N or more``: only those in the response's read are
-  seen); no error, no passive failure. The origin has acted on the request: told 502, its
-  client would likely repeat it, and repeat what it did. Nothing of it is stored (only a
-  GET's answer is). nginx and Varnish relay it too.
+  seen; ``Response.stray``, one line a while: ``Engine.warn_stray``); no error, no passive
+  failure. The origin has acted on the request: told 502, its client would likely repeat it,
+  and repeat what it did. Nothing of it is stored (only a GET's answer is). nginx and Varnish
+  relay it too.
 
 A response that is not read to the end is never followed by another request on its
 connection.
@@ -397,7 +398,7 @@ class Response:
     """A response head, and its body as the parser's stream."""
 
     __slots__ = ("_conn", "_exchange", "_payload", "close_delimited_tls", "head_method", "headers", "reason",
-                 "status")
+                 "status", "stray")
 
     def __init__(self, message: Any, payload: StreamReader, conn: UpstreamConnection, exchange: int) -> None:
         self.status: int = message.code
@@ -408,6 +409,9 @@ class Response:
         self._conn = conn
         self._exchange = exchange
         self.head_method: bool = conn._head_method  # the answer to a HEAD: no body (``ends_at_head``)
+        # Bytes the upstream wrote after this response had ended, dropped (``_feed_head``,
+        # ``_overrun``; the connection is closed): warned of by ``Engine.warn_stray``, summarised.
+        self.stray: int = conn._stray
         # A body over TLS that only the connection's end delimits (no Content-Length, not
         # chunked): its end cannot be told from a truncation (module docstring).
         self.close_delimited_tls: bool = (
@@ -546,21 +550,6 @@ class UpstreamConnection(BaseProtocol):
         except BaseException:
             self.abort()  # cancelled, or failed: the connection is in an unknown state
             raise
-        if self._stray:
-            # Logged here, in the context of the request the bytes followed: ``data_received``
-            # runs in the one captured when the connection was made (its first request's).
-            if ends_at_head(response.status, head_method):
-                logging.getLogger("cachegate.upstream").warning(
-                    "upstream %s: %d or more bytes of body after a %d response, which has none (RFC 9112 "
-                    "§6.3): dropped, the %d answered, the connection closed", self._pool.name,
-                    self._stray, response.status, response.status)
-            else:
-                method = head[:head.find(b" ")].decode("latin-1")
-                logging.getLogger("cachegate.upstream").warning(
-                    "upstream %s: %d or more bytes after the end of the %d response to %s (RFC 9112 §6.3): "
-                    "dropped, the %d answered (the %s may have been acted on: not refused, which the "
-                    "client might repeat), the connection closed", self._pool.name, self._stray,
-                    response.status, method, response.status, method)
         return response
 
     async def _send_body(self, body: AsyncIterable[bytes], chunked: bool, expected: int | None) -> None:
@@ -757,7 +746,7 @@ class UpstreamConnection(BaseProtocol):
                 if head is not None and not self._overrun(data):
                     return
                 self._message_done(reuse=False)
-            else:  # (bytes dropped after a 204/304: warned of by ``request``, in its request's context)
+            else:  # (bytes dropped after a 204/304: ``Response.stray``, warned of by ``Engine.warn_stray``)
                 self._message_done(reuse=not self._stray and reusable_after(self._message, self._head_method))
         if head is not None:
             self._head = None
@@ -818,7 +807,7 @@ class UpstreamConnection(BaseProtocol):
         (more body than its ``Content-Length`` said, a second response): RFC 9112 §6.3, they
         must not be processed as a response; discarding them is allowed. Whether the response
         is still answered: to a request that is not idempotent (a POST, a PATCH), yes, and the
-        bytes are dropped (``_stray`` counts them, ``request`` warns) and the connection is
+        bytes are dropped (``_stray`` counts them: ``Response.stray``) and the connection is
         closed; to another, no: the exchange fails (``UpstreamOverrun``, a 502).
 
         Refused, an origin's answer to a POST it had acted on was a 502 that its client would
@@ -1080,10 +1069,22 @@ def unsupported_coding(message: Any, head_method: bool) -> str | None:
     return coding
 
 
+DESCRIBED = 200  # characters of a parser's error in a message (it quotes the origin's bytes)
+
+
 def _describe(exc: BaseException) -> str:
+    """The parser's error in one line: what was wrong, and the line it quotes (the origin's
+    bytes, which may echo what a client sent: its path), cut to ``DESCRIBED`` characters with
+    the length it had. Its warnings are told apart without what it quotes
+    (``proxy.logs.failure_text``).
+
+    >>> _describe(ValueError("Invalid header token:\\n\\n  b'X-Bad: " + 300 * "a" + "'\\n    ^"))[-36:]
+    'aaaaaaaaaaaaaaaa... (332 characters)'
+    """
     message = getattr(exc, "message", None)
-    text = message if isinstance(message, str) else str(exc)
-    return " ".join(text.split())[:200]
+    text = " ".join((message if isinstance(message, str) else str(exc)).split())
+    text = text.removesuffix(" ^")  # llhttp's caret under the quoted line: a line joined cannot show it
+    return text if len(text) <= DESCRIBED else f"{text[:DESCRIBED]}... ({len(text)} characters)"
 
 
 class HostPool:

@@ -85,6 +85,9 @@ SUMMARY_WINDOW = 5.0  # seconds
 # What differs between failures that are alike (``failure_text``): numbers (ports, byte counts,
 # errnos, IPv4 addresses) and IPv6 addresses (hex digits between colons).
 _VARYING = re.compile(r"(?:[0-9A-Fa-f]{0,4}:){2,}(?:[0-9A-Fa-f.]*[0-9A-Fa-f]|(?<=::))|\d+")
+# And what a message quotes (a Python literal, ``b'...'`` or ``'...'``, to its end or the
+# message's): a peer's own bytes, such as the line the response parser failed in.
+_QUOTED = re.compile(r"""(?<!\w)(b?)(['"])(?:\\.?|(?!\2)[^\\])*(?:\2|$)""", re.DOTALL)
 
 
 # -- request ids ---------------------------------------------------------------------------
@@ -912,16 +915,21 @@ class RepeatedFailure:
 
 def failure_text(exc: BaseException) -> str:
     """``exc`` as a kind of failure (a ``Summarised`` key's part): its type and message, its
-    numbers and IPv6 addresses masked, so that the same failure with another byte count, port
-    or address of the upstream's is the same kind, and another failure (refused after closed)
-    is not.
+    numbers, IPv6 addresses and quoted text masked, so that the same failure with another byte
+    count, port or address of the upstream's is the same kind, and another failure (refused
+    after closed) is not. Quoted text is the peer's: the response parser's error quotes the line
+    it failed in, and an origin whose malformed field echoed the request's path made each
+    request a kind of its own (7,064 requests, 7,064 lines, no summary).
 
     >>> failure_text(ConnectionError("http://[2001:db8::5]:8080: received 1000 of 4096 bytes"))
     'ConnectionError: http://[#]:#: received # of # bytes'
     >>> failure_text(OSError("[Errno 111] Connect call failed ('10.0.0.5', 9000)"))
-    "OSError: [Errno #] Connect call failed ('#.#.#.#', #)"
+    "OSError: [Errno #] Connect call failed ('#', #)"
+    >>> failure_text(ValueError("o: invalid response: Invalid header token: b'X-Bad\\\\x01: /a\\\\'b"))
+    "ValueError: o: invalid response: Invalid header token: b'#'"
     """
-    return f"{type(exc).__name__}: {_VARYING.sub('#', str(exc)[:300])}"
+    text = _QUOTED.sub(r"\1\2#\2", str(exc)[:300])
+    return f"{type(exc).__name__}: {_VARYING.sub('#', text)}"
 
 
 class _Streak:

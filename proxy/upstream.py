@@ -233,7 +233,7 @@ class UpstreamResponse:
     """A response head from an upstream, and its body as an async iterator of chunks."""
 
     __slots__ = ("_length", "_pool", "_released", "_resp", "close_delimited_tls", "headers", "reason",
-                 "status", "upstream")
+                 "status", "stray", "upstream")
 
     def __init__(self, resp: Response, upstream: Upstream, pool: UpstreamPool) -> None:
         self._resp = resp
@@ -244,6 +244,7 @@ class UpstreamResponse:
         self.headers: CIMultiDictProxy[str] = resp.headers
         # Its body ends with the TLS connection: a truncation looks the same (never stored).
         self.close_delimited_tls = resp.close_delimited_tls
+        self.stray = resp.stray  # bytes dropped after it (``Response.stray``)
         self._released = False
         self._length: int | None = -1  # -1: not parsed yet
 

@@ -791,7 +791,7 @@ def test_a_responses_content_length_is_parsed_once_and_the_same_every_time(
     monkeypatch.setattr(proxy.upstream, "content_length", counting)
 
     class Wire:
-        status, reason, close_delimited_tls = 200, "OK", False
+        status, reason, close_delimited_tls, stray = 200, "OK", False, 0
         headers = CIMultiDictProxy(CIMultiDict([("Content-Length", v) for v in values]))
 
     resp = UpstreamResponse(Wire(), None, None)  # type: ignore[arg-type]

@@ -242,6 +242,7 @@ class _Wire:
         self.headers = CIMultiDictProxy(CIMultiDict(a.headers))
         self.close_delimited_tls = False  # a plain-HTTP origin
         self.head_method = False
+        self.stray = 0  # nothing after it
         self.sent = 0
         self.discarded = False
 

@@ -12,8 +12,10 @@ import contextlib
 import errno
 import json
 import logging
+import random
 import re
 import socket
+import string
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -27,6 +29,7 @@ import proxy.logs
 from proxy.logs import LineFormatter
 from tests.conftest import MakeProxy
 from tests.harness import spawn_cachegate, write_config
+from tests.security.misbehaving import Conn, Serve, raw_origins
 
 WINDOW = 1.0  # seconds: the in-process proxy's window, shorter than the default to keep the test short
 
@@ -299,3 +302,55 @@ async def test_a_count_is_said_when_its_window_ends_not_when_an_earlier_armed_ti
     finally:
         summarised.close()
         logger.removeHandler(handler)
+
+
+def misbehaving() -> Serve:
+    """An origin that gets one thing wrong in every answer, whatever the request: bytes after
+    the whole answer to a POST (in the same write), a body after a 204, or a malformed field
+    that echoes the request's target (``/badecho/...``)."""
+    async def serve(conn: Conn) -> None:
+        while True:
+            request = await conn.request()
+            if request.method == "POST":
+                await conn.send(b"HTTP/1.1 201 Created\r\nContent-Length: 7\r\n\r\ncreatedEXTRAEXTRA")
+            elif request.target.startswith("/nothing"):
+                await conn.send(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\nhello")
+            else:
+                await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Bad\x01: "
+                                + request.target.encode() + b"\r\n\r\nok")
+
+    return serve
+
+
+@pytest.mark.parametrize(("method", "path", "status", "first"), [
+    ("POST", "/stray/", 201, "10 or more bytes after the end of the 201 response to POST (RFC 9112 §6.3)"),
+    ("GET", "/nothing/", 204, "5 or more bytes of body after a 204 response, which has none"),
+    ("GET", "/badecho/", 502, "invalid response: Invalid header token: b'X-Bad\\x01: /badecho/"),
+], ids=["after-a-post", "after-a-204", "echoed-in-a-malformed-field"])
+async def test_an_origin_misbehaving_in_every_answer_is_a_line_and_a_count_not_a_line_per_request(
+        make_proxy: MakeProxy, lines: Lines, monkeypatch: pytest.MonkeyPatch, method: str, path: str,
+        status: int, first: str) -> None:
+    """Its warnings were one line per request, however many (8,578 lines, 3.3 MB, in 10 s of
+    POSTs): the warnings of bytes after an answer were logged as they came, and the parser's
+    error quotes the line it failed in, which echoed each request's own path (a kind of failure
+    per request, never summarised). Now, as for an origin that fails: the first line at once,
+    with its request id, and the rest counted in one line; the echoed path cut short."""
+    monkeypatch.setattr(proxy.logs, "SUMMARY_WINDOW", 60.0, raising=False)  # all in one window
+    rounds = 12
+    async with raw_origins() as start:
+        origin = await start(misbehaving())
+        url = origin.url
+        cg = await make_proxy(config="upstream: {retries: 0, passive: {failures: 0}}\n", upstreams=[url])
+        ids = []
+        for _ in range(rounds):  # each a target of its own, as long as a client likes
+            target = path + "".join(random.choices(string.ascii_letters, k=1000))
+            reply = await cg.request(method, target, data=b"{}" if method == "POST" else None)
+            assert reply.status == status, reply
+            ids.append(reply.headers["X-Request-Id"])
+        cg.runtime.engine.upstream_warnings.close()  # the count, said
+    said = [line for line in lines.lines if url in line["message"]]
+    assert len(said) == 2, [line["message"][:200] for line in said]
+    assert (said[0]["request_id"], "suppressed" in said[0]) == (ids[0], False), said[0]
+    assert first in said[0]["message"], said[0]
+    assert (said[1].get("summary"), said[1].get("suppressed")) == (True, rounds - 1), said[1]
+    assert all(len(line["message"]) < 600 for line in said), said  # the 1,000 letters echoed: cut short
