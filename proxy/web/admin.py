@@ -143,16 +143,22 @@ def too_many_guesses(request: web.Request) -> web.Response | None:
     than ``GuessLimiter`` allows (logged once per run of refusals, each one counted); None
     when its token may be compared."""
     ctx = request.app[ADMIN]
+    guesses = ctx.guesses
     client = request.remote or ""
-    wait = ctx.guesses.retry_after(client)
+    wait = guesses.retry_after(client)
     if not wait:
         return None
     ctx.runtime.metrics.admin_refused.labels("rate").inc()
-    if ctx.guesses.key(client) not in ctx.guesses.limited:
-        ctx.guesses.limited.add(ctx.guesses.key(client))
+    run = guesses.refused(client)
+    if run == "network":
         log.warning("admin: too many wrong tokens from %s (more than %d, then %g a second): its "
                     "requests that present a token are answered 429 for now (Host %r)",
-                    client, ctx.guesses.burst, ctx.guesses.per_second, request.headers.get("Host"))
+                    client, guesses.burst, guesses.per_second, request.headers.get("Host"))
+    elif run == "all":
+        log.warning("admin: too many wrong tokens from all networks together (more than %d, then %g a "
+                    "second): requests that present a token are answered 429 for now, but from networks "
+                    "that presented the right one before (this one from %s, Host %r)",
+                    guesses.total_burst, guesses.total_per_second, client, request.headers.get("Host"))
     return web.json_response({"error": "too many wrong admin tokens: try again later"}, status=429,
                              headers={"Retry-After": str(wait)})
 
@@ -169,7 +175,9 @@ async def bearer_middleware(request: web.Request, handler: Handler) -> web.Strea
         if refusal is not None:
             return refusal
         ok = token_matches(given, token)
-        if not ok:
+        if ok:
+            request.app[ADMIN].guesses.succeeded(request.remote or "")
+        else:
             request.app[ADMIN].guesses.failed(request.remote or "")
     request[BEARER_OK] = ok
     return await handler(request)

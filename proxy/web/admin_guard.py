@@ -292,26 +292,64 @@ def decide_purge_method(headers: MultiMapping[str]) -> Refused | None:
     return None
 
 
+class _Bucket:
+    """One bucket of ``GuessLimiter``: its level when last counted, then, and whether its run of
+    refusals was logged."""
+
+    __slots__ = ("at", "level", "limited")
+
+    def __init__(self, level: float, at: float) -> None:
+        self.level, self.at, self.limited = level, at, False
+
+    def refill(self, size: float, per_second: float, now: float) -> float:
+        self.level = min(size, self.level + (now - self.at) * per_second)
+        self.at = now
+        return self.level
+
+
 class GuessLimiter:
-    """Wrong admin tokens (a failed console login, a wrong bearer token), per client network
-    (``key``: an IPv4 /24, an IPv6 /64, all of loopback): a
-    bucket of ``burst`` guesses refilled at ``per_second``. While a client's bucket is empty
-    every request of that client that presents a token is answered 429 before its token is
-    compared, right or wrong: otherwise the answer would still tell a right guess from a wrong
-    one at any speed. Per address, so that a client trying tokens on a listener open to a
-    network locks out itself, not the operator's scrapes and purges from elsewhere (a page in a
-    browser on this machine shares the loopback address with local tools: those wait while it
-    guesses). Sessions already open, and requests that present no token, are not affected."""
+    """Wrong admin tokens (a failed console login, a wrong bearer token), as nginx's
+    ``limit_req`` with two zones: per client network (``key``: an IPv4 /24, an IPv6 /64, all of
+    loopback) a bucket of ``burst`` guesses refilled at ``per_second``, and one for every
+    network together of ``total_burst`` refilled at ``total_per_second``; a guess needs room in
+    both. While either is empty every request of that client that presents a token is answered
+    429 before its token is compared, right or wrong: otherwise the answer would still tell a
+    right guess from a wrong one at any speed. Per network, so that a client trying tokens on a
+    listener open to a network locks out itself, not the operator's scrapes and purges from
+    elsewhere (a page in a browser on this machine shares the loopback address with local tools:
+    those wait while it guesses). Sessions already open, and requests that present no token, are
+    not affected.
 
-    MAX_CLIENTS = 4096  # addresses remembered (the oldest forgotten first: a full bucket)
+    The bucket for every network: networks are cheap (an IPv6 /52 holds 4,096 /64s), and per
+    network alone a client had a network's allowance for each of its networks. A network that
+    presented the right token (``succeeded``: the operator's scraper, a purge script; the last
+    ``TRUSTED`` of them) is not held to it, only to its own: else a client with a handful of
+    networks could keep the bucket for all empty, and the operator out, for as long as it liked.
+    Others wait while it is empty, the operator's console from a new address too.
 
-    def __init__(self, burst: int = 10, per_second: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    Only networks whose bucket is not full are remembered (a full one is what a network not
+    remembered gets), none dropped for newcomers while its bucket is still refilling: the last
+    4,096 networks were remembered, so a locked-out client that tried once from each of 4,096
+    others had its allowance back, every round. The bucket for all bounds how many can be
+    refilling at once (``total_burst`` and ``total_per_second`` for the ``burst / per_second``
+    seconds a bucket takes to refill, besides the trusted networks), far below
+    ``MAX_CLIENTS``: past it (wrong tokens counted without asking ``retry_after``) a newcomer's
+    wrong token is not remembered, rather than a locked-out network's."""
+
+    MAX_CLIENTS = 4096  # networks remembered, each with wrong tokens not yet refilled
+    TRUSTED = 256  # networks that presented the right token, remembered (the last ones)
+
+    def __init__(self, burst: int = 10, per_second: float = 1.0, total_burst: int = 100,
+                 total_per_second: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.burst = burst
         self.per_second = per_second
+        self.total_burst = total_burst
+        self.total_per_second = total_per_second
         self._clock = clock
-        self._buckets: OrderedDict[str, list[float]] = OrderedDict()  # client -> [level, at]
-        self.limited: set[str] = set()  # clients whose last check was refused (logged once a run)
+        # network -> its bucket, in the order of their last wrong token (the longest refilling first)
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._all = _Bucket(float(total_burst), clock())
+        self._trusted: OrderedDict[str, None] = OrderedDict()
 
     @staticmethod
     def key(address: str) -> str:
@@ -328,31 +366,80 @@ class GuessLimiter:
         prefix = 24 if ip.version == 4 else 64
         return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
-    def _level(self, client: str) -> list[float]:
-        client = self.key(client)
-        now = self._clock()
-        bucket = self._buckets.get(client)
-        if bucket is None:
-            bucket = self._buckets[client] = [float(self.burst), now]
-            while len(self._buckets) > self.MAX_CLIENTS:
-                self._buckets.popitem(last=False)
-        else:
-            self._buckets.move_to_end(client)
-            bucket[0] = min(float(self.burst), bucket[0] + (now - bucket[1]) * self.per_second)
-            bucket[1] = now
-        return bucket
-
     def retry_after(self, client: str) -> int:
         """0 when ``client`` may have a token checked now; else the whole seconds until it may."""
-        level = self._level(client)[0]
-        if level >= 1.0:
-            self.limited.discard(self.key(client))
-            return 0
-        return max(1, math.ceil((1.0 - level) / self.per_second))
+        net = self.key(client)
+        now = self._clock()
+        wait = 0.0
+        bucket = self._buckets.get(net)
+        if bucket is not None:
+            level = bucket.refill(self.burst, self.per_second, now)
+            if level >= self.burst:
+                del self._buckets[net]  # refilled: as if never seen (its run of refusals over)
+            elif level >= 1.0:
+                bucket.limited = False
+            else:
+                wait = (1.0 - level) / self.per_second
+        if net not in self._trusted:
+            level = self._all.refill(self.total_burst, self.total_per_second, now)
+            if level >= 1.0:
+                self._all.limited = False
+            else:
+                wait = max(wait, (1.0 - level) / self.total_per_second)
+        return max(1, math.ceil(wait)) if wait else 0
+
+    def refused(self, client: str) -> Literal["network", "all"] | None:
+        """After ``retry_after`` refused ``client``: which bucket is empty, its network's or the
+        one for all, the first time in that bucket's run of refusals (for one line a run); None
+        after."""
+        bucket = self._buckets.get(self.key(client))
+        if bucket is not None and bucket.level < 1.0:
+            if bucket.limited:
+                return None
+            bucket.limited = True
+            return "network"
+        if self._all.limited:
+            return None
+        self._all.limited = True
+        return "all"
 
     def failed(self, client: str) -> None:
-        bucket = self._level(client)
-        bucket[0] = max(0.0, bucket[0] - 1.0)
+        """A wrong token from ``client``: one guess less in its network's bucket and the one for all."""
+        net = self.key(client)
+        now = self._clock()
+        self._all.refill(self.total_burst, self.total_per_second, now)
+        self._all.level = max(0.0, self._all.level - 1.0)
+        bucket = self._buckets.get(net)
+        if bucket is None:
+            if len(self._buckets) >= self.MAX_CLIENTS and not self._room(now):
+                return  # (never asked ``retry_after``: the bucket for all refuses newcomers)
+            bucket = self._buckets[net] = _Bucket(float(self.burst), now)
+        else:
+            bucket.refill(self.burst, self.per_second, now)
+            self._buckets.move_to_end(net)
+        bucket.level = max(0.0, bucket.level - 1.0)
+
+    def succeeded(self, client: str) -> None:
+        """The right token from ``client``: its network is let past the bucket for all."""
+        net = self.key(client)
+        trusted = self._trusted
+        if net in trusted:
+            trusted.move_to_end(net)
+            return
+        trusted[net] = None
+        if len(trusted) > self.TRUSTED:
+            trusted.popitem(last=False)
+
+    def _room(self, now: float) -> bool:
+        """Forget the networks refilled since their last wrong token, the longest refilling first
+        (up to the first that is not): whether there is room for another now."""
+        buckets = self._buckets
+        while buckets:
+            net, bucket = next(iter(buckets.items()))
+            if bucket.refill(self.burst, self.per_second, now) < self.burst:
+                break
+            del buckets[net]
+        return len(buckets) < self.MAX_CLIENTS
 
 
 def guard_middleware(settings_of: Callable[[web.Request], GuardSettings],

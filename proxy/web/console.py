@@ -387,6 +387,7 @@ async def login(request: web.Request) -> web.Response:
         runtime.metrics.admin_unauthorized.inc()
         request.app[ADMIN].guesses.failed(request.remote or "")
         return _json({"error": "wrong admin token"}, 401)
+    request.app[ADMIN].guesses.succeeded(request.remote or "")
     sid, session = request.app[CONSOLE].sessions.open(token)
     response = _json({"authenticated": True, "token_required": True, "csrf": session.csrf})
     response.set_cookie(COOKIE, sid, httponly=True, samesite="Strict", path="/")

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 import pytest
 from multidict import CIMultiDict
 
 from proxy.web.admin_guard import GuessLimiter
+from tests.admin.test_admin_answers import admin_context
 from tests.admin.util import absolute, settle
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy, Reply
@@ -266,6 +268,109 @@ def test_a_client_trying_tokens_locks_out_itself_not_the_others() -> None:
     for i in range(GuessLimiter.MAX_CLIENTS + 10):  # remembered addresses are bounded
         limiter.failed(f"10.{i // 256}.{i % 256}.1")
     assert len(limiter._buckets) == GuessLimiter.MAX_CLIENTS
+
+
+def test_a_locked_out_network_stays_locked_out_however_many_other_networks_guess() -> None:
+    """The last 4,096 networks were remembered, the oldest forgotten first with their lockout:
+    a locked-out client that sent one wrong token from each of 4,096 other /64s of its own
+    range (a /52) had its allowance back, every round (no limit at all). Now networks whose
+    bucket is still refilling are kept, and a bucket for all networks together refuses the
+    newcomers' guesses, the way the admin API asks (``retry_after`` before a token is compared)
+    or not (the reviewer's sequence: each wrong token counted)."""
+    now = [0.0]
+    limiter = GuessLimiter(clock=lambda: now[0])
+    attacker = "2001:db8:0:1::1"
+    for _ in range(limiter.burst):
+        assert limiter.retry_after(attacker) == 0
+        limiter.failed(attacker)
+    assert limiter.retry_after(attacker) >= 1
+    compared = 0
+    for _ in range(3):
+        for i in range(2, 4098):  # the other /64s of its /52
+            other = f"2001:db8:0:{i:x}::1"
+            if limiter.retry_after(other) == 0:
+                compared += 1
+            limiter.failed(other)
+        assert limiter.retry_after(attacker) >= 1
+    assert compared == limiter.total_burst - limiter.burst  # what the bucket for all had left
+    assert len(limiter._buckets) <= GuessLimiter.MAX_CLIENTS
+    now[0] += 1.0  # a second: 5 guesses for all, one for the attacker's own network
+    assert limiter.retry_after(attacker) == 0
+    assert [limiter.retry_after(f"2001:db8:1:{i:x}::1") == 0 for i in range(6)] == [True] * 6  # (not counted)
+
+
+def test_only_refilled_networks_are_forgotten_and_their_run_with_them() -> None:
+    """Room for a newcomer is made by forgetting networks whose bucket has refilled (what a
+    network not remembered gets), never one still refilling: a newcomer's wrong token is not
+    remembered rather than a locked-out network's. A refilled network's run of refusals is
+    over with its bucket (the set of networks whose run was logged grew with every network
+    refused, pruned only when that one came back)."""
+    now = [0.0]
+
+    class Small(GuessLimiter):
+        MAX_CLIENTS = 3
+
+    limiter = Small(clock=lambda: now[0])
+    limiter.failed("10.0.1.1")  # refilled at 1 s
+    now[0] = 0.5
+    for _ in range(10):
+        limiter.failed("10.0.2.1")  # locked out until 1.5 s, refilled at 10.5 s
+    limiter.failed("10.0.3.1")
+    assert limiter.retry_after("10.0.2.1") >= 1 and limiter.refused("10.0.2.1") == "network"
+    assert limiter.refused("10.0.2.1") is None  # one line a run
+    now[0] = 1.2
+    limiter.failed("10.0.4.1")  # the refilled 10.0.1.0/24 makes room
+    assert list(limiter._buckets) == ["10.0.2.0/24", "10.0.3.0/24", "10.0.4.0/24"]
+    limiter.failed("10.0.5.1")  # no room: 10.0.2.0/24 is still refilling, and stays
+    assert list(limiter._buckets) == ["10.0.2.0/24", "10.0.3.0/24", "10.0.4.0/24"]
+    assert limiter.retry_after("10.0.2.1") >= 1 and limiter.refused("10.0.2.1") is None
+    now[0] = 10.5
+    assert limiter.retry_after("10.0.2.1") == 0
+    assert "10.0.2.0/24" not in limiter._buckets  # refilled: forgotten, its run with it
+    for _ in range(10):
+        limiter.failed("10.0.2.1")
+    assert limiter.retry_after("10.0.2.1") >= 1 and limiter.refused("10.0.2.1") == "network"  # a new run
+
+
+async def test_the_right_token_from_a_network_that_presented_it_before_passes_a_flood_of_guesses(
+        origin: Origin, make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture) -> None:
+    """Over the wire, on loopback: while wrong tokens from many networks have emptied the bucket
+    for all, a request that presents a token is answered 429 (its token not compared), and one
+    line says so; once that bucket refills, the right token works, and from then on its network
+    is not held to the bucket for all (a handful of networks guessing kept it empty, and the
+    operator out, for as long as they liked), only to its own."""
+    caplog.set_level(logging.WARNING, logger="cachegate.admin")
+    proxy = await make_proxy(config=f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}\n")
+    now = [0.0]
+    limiter = admin_context(proxy).guesses = GuessLimiter(clock=lambda: now[0])
+    local = {"Host": f"127.0.0.1:{port_of(proxy)}", "Content-Type": "application/json"}
+    right = {**local, "Authorization": f"Bearer {TOKEN}"}
+
+    def flood(networks: range) -> None:
+        """A wrong token from each of ``networks`` (other /64s), as the admin API counts them."""
+        for i in networks:
+            other = f"2001:db8:0:{i:x}::1"
+            if limiter.retry_after(other) == 0:
+                limiter.failed(other)
+
+    flood(range(1, 200))
+    reply = await send(proxy, "GET", "/stats", right)
+    assert reply.status == 429 and int(reply.headers["Retry-After"]) >= 1, reply
+    login = await send(proxy, "POST", "/console/api/login", local, json.dumps({"token": TOKEN}).encode())
+    assert login.status == 429 and "Set-Cookie" not in login.headers
+    said = [r.getMessage() for r in caplog.records if "too many wrong tokens" in r.getMessage()]
+    assert len(said) == 1 and "from all networks together (more than 100, then 5 a second)" in said[0], said
+    now[0] += 1.0  # the bucket for all refills at 5 a second
+    assert (await send(proxy, "GET", "/stats", right)).status == 200  # its network: trusted now
+    flood(range(200, 400))
+    assert limiter.retry_after("2001:db8:1::1") >= 1  # a newcomer waits
+    assert (await send(proxy, "GET", "/stats", right)).status == 200
+    login = await send(proxy, "POST", "/console/api/login", local, json.dumps({"token": TOKEN}).encode())
+    assert login.status == 200 and "Set-Cookie" in login.headers
+    # Its own network's bucket still holds: 10 wrong tokens, then 429 (the right one too).
+    for i in range(10):
+        assert (await send(proxy, "GET", "/stats", {**local, "Authorization": f"Bearer g{i}"})).status == 401
+    assert (await send(proxy, "GET", "/stats", right)).status == 429
 
 
 # -- cross-site request forgery -------------------------------------------------------------------
