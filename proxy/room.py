@@ -58,6 +58,51 @@ def filesystem_full(path: str, exc: BaseException) -> bool:
     return False
 
 
+class NoRoom(OSError):
+    """A write under the cache directory failed because its filesystem has no room, said with
+    what it lacks (inodes, bytes, the user's quota) and what ``df`` shows: ENOSPC, so a full
+    filesystem (``filesystem_full``), never damage, and no bug (no traceback)."""
+
+    def __init__(self, lacks: str, cause: OSError) -> None:
+        super().__init__(errno.ENOSPC, f"{lacks} (the write said: {cause.strerror or cause})",
+                         cause.filename)
+
+
+def no_room(path: str, exc: BaseException) -> NoRoom | None:
+    """``exc``, an error writing a file under ``path`` (the cache directory), as ``NoRoom`` when
+    it comes of the filesystem having no room; None for any other error. Asked where the write
+    failed, before the files it had made are removed (which gives room back: asked later, the
+    filesystem seemed to have some).
+
+    ENOSPC and a quota's EDQUOT say it themselves, but not which: on a filesystem out of inodes
+    ``df -h`` shows bytes free, so "No space left on device" read as a mistake. And a
+    ``FileNotFoundError`` of a file under ``path`` while ``path`` is there says it too when the
+    filesystem has no inode (or block) left: diskcache makes a body file's folders with
+    ``os.makedirs``' error suppressed, so no inode for a folder showed as the file's folder
+    missing ("No such file or directory", with a traceback)."""
+    if not isinstance(exc, OSError) or isinstance(exc, NoRoom):
+        return None
+    if exc.errno == errno.EDQUOT:
+        return NoRoom(f"the disk quota of this user on the filesystem of {path} is used up (quota -s)", exc)
+    full = exc.errno == errno.ENOSPC
+    if not full:
+        if not isinstance(exc, FileNotFoundError) or not isinstance(exc.filename, str):
+            return None
+        where = os.path.abspath(path)
+        if os.path.commonpath([where, os.path.abspath(exc.filename)]) != where or not os.path.isdir(where):
+            return None
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    if st.f_files and st.f_favail == 0:
+        return NoRoom(f"no free inodes on the filesystem of {path} (all {st.f_files} used: df -i)", exc)
+    if full or st.f_bavail == 0:
+        return NoRoom(f"no space left on the filesystem of {path} ({human_size(st.f_bavail * st.f_frsize)} "
+                      f"free of {human_size(st.f_blocks * st.f_frsize)}: df -h)", exc)
+    return None
+
+
 class FilesystemFull(OSError):
     """The cache directory cannot be opened because its filesystem is full (or over a quota).
     Nothing in it was changed: cachegate starts again once there is room."""

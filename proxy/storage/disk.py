@@ -81,6 +81,7 @@ from proxy.room import (
     NotWritable,
     filesystem_full,
     human_size,
+    no_room,
 )
 from proxy.settings import (  # the budget split is what cache.disk.size means
     DiskEviction,
@@ -289,9 +290,19 @@ def _transaction(shard: diskcache.Cache, retry: bool = False) -> Iterator[None]:
         try:
             with _begun(shard, retry):
                 yield
-        except BaseException:
+        except BaseException as exc:
             if files is not None:  # (the outermost: a nested one's caller is still inside it)
                 _roll_back(shard)
+            room = no_room(os.path.dirname(shard.directory), exc)
+            if room is not None:  # (asked now: the files the write made are not taken back yet)
+                raise room from exc
+            hidden = exc.__context__
+            if isinstance(exc, sqlite3.OperationalError) and "no transaction is active" in str(exc) \
+                    and isinstance(hidden, Exception):
+                # SQLite ended the transaction itself (SQLITE_FULL: the disk is full), and
+                # diskcache's ROLLBACK after it raised "cannot rollback - no transaction is
+                # active" in place of the error that says why: that error, as itself.
+                raise hidden from None
             raise
     if files is not None:  # (not reached when the transaction rolled back: its rows keep their files)
         disk.release(files)
@@ -1055,11 +1066,9 @@ class DiskTier:
         self._followed = 0  # the owner's budget this process last followed (``follow_budget``)
         self._told_budget = self.shard_limit  # the budget in force last logged (``_tell_budget``)
         self.failed_writes = 0
-        # A write that fails fails again and again (a full disk, the directory removed, a lock
-        # held long): logged with its traceback once, then once a minute with a count, and once
-        # when writes have worked for SETTLE seconds (``RepeatedFailure``).
-        self._write_errors = RepeatedFailure(log, "storing entries on disk (not stored meanwhile)",
-                                             settle=SETTLE)
+        # A lock held long times out write after write: logged once, then once a minute with a
+        # count, and once when writes have worked for SETTLE seconds (``RepeatedFailure``). Any
+        # other failure of a commit is the caller's to report (``commit_many``'s ``raised``).
         self._lock_timeouts = RepeatedFailure(log, "storing on disk under a shard's lock (timed out: "
                                               "not stored)", settle=SETTLE, traceback=False,
                                               level=logging.WARNING)
@@ -1315,7 +1324,13 @@ class DiskTier:
         shard = self._shard(key)
         try:
             with shard.disk.taking_back():
-                ok = bool(shard.set("b:" + body_id, body, read=not isinstance(body, bytes), retry=False))
+                try:
+                    ok = bool(shard.set("b:" + body_id, body, read=not isinstance(body, bytes), retry=False))
+                except OSError as exc:  # (said now: the file is not taken back yet)
+                    room = no_room(self.path, exc)
+                    if room is None:
+                        raise
+                    raise room from exc
         except diskcache.Timeout as exc:
             self._lock_timeouts.failed(self._held(shard, exc))
             ok = False
@@ -1357,15 +1372,19 @@ class DiskTier:
 
     def commit_many(self, items: Sequence[tuple[str, Merge, str, bytes | None]],
                     new: Sequence[bool] | None = None, out_of_time: Callable[[], bool] | None = None,
-                    raised: list[int] | None = None) -> list[bool]:
+                    raised: list[tuple[list[int], Exception]] | None = None) -> list[bool]:
         """``commit`` for many keys: one transaction per shard (``(key, merge, body id, small
         body)`` each, merged in order). Whether each was committed: a shard whose lock timed
         out (or whose merge failed) commits none of its items. ``new``: which keys are known
         not to be on disk (their metadata is not read first). ``out_of_time`` (a stop's
         deadline passed): the shards not begun yet are left out, uncommitted; one begun ends
         as it would (its COMMIT, or its lock's timeout), never cut off midway. ``raised``
-        gets the indexes of the items whose shard failed otherwise than by its lock's timeout
-        (a full disk): a stop retries only a lock's timeout until its deadline."""
+        gets each shard that failed otherwise than by its lock's timeout (a full disk): the
+        indexes of its items and its error, for the caller to report (write-behind: a `write`
+        failure, ``Persister._report``); nothing here logs it. A stop retries only a lock's
+        timeout until its deadline. Why: logged here on its own and reported nowhere, a shard
+        that failed left ``/stats`` and ``cachegate_storage_errors_total`` silent, and a batch
+        whose other shards committed counted as writes that succeed."""
         by_shard: dict[int, list[int]] = {}
         for i, item in enumerate(items):
             by_shard.setdefault(shard_of(item[0], len(self._shards)), []).append(i)
@@ -1402,12 +1421,10 @@ class DiskTier:
                 continue
             except Exception as exc:
                 self.failed_writes += len(positions)
-                self._write_errors.failed(exc)
                 if raised is not None:
-                    raised += positions
+                    raised.append((positions, exc))
                 continue
             self._lock_timeouts.succeeded()
-            self._write_errors.succeeded()
             self._cull(shard, keep=[items[i][0] for i in positions],
                        added=sum(_row_cost(items[i][0], items[i][3]) for i in positions))
             for i in positions:

@@ -521,7 +521,7 @@ class Persister:
     def _write_part(self, items: list[_Item], positions: list[int], errors: list[tuple[int, Exception]]
                     ) -> list[int]:
         try:
-            return self._write(items, positions)
+            return self._write(items, positions, errors)
         except Exception as exc:  # tried again with the next batches (MAX_ATTEMPTS)
             if len(positions) > 1 and not _environmental(exc):
                 # One record's data (a key or tag the index cannot hold) must not cost the
@@ -539,7 +539,11 @@ class Persister:
             self.stats.failed += len(items)
             return list(positions)
 
-    def _write(self, items: list[_Item], positions: list[int]) -> list[int]:
+    def _write(self, items: list[_Item], positions: list[int], errors: list[tuple[int, Exception]]
+               ) -> list[int]:
+        """Commit ``items`` (the records at ``positions``): the index, then the shards; the
+        positions not committed. A shard that failed (a full disk) adds its error to ``errors``
+        with how many entries it cost, for ``_report``, as a whole part that raised does."""
         if not items and not positions:
             return []
         disk = self.disk
@@ -562,9 +566,11 @@ class Persister:
             new = item.entry.with_seq(seq)
             merge = adding(self.bans, new, k) if item.whole else updating(self.bans, (new,), k)
             jobs.append((new.key, merge, new.body_id, item.body))
-        raised: list[int] = []
+        raised: list[tuple[list[int], Exception]] = []
         ok = disk.commit_many(jobs, absent, out_of_time=self._out_of_time, raised=raised) if jobs else []
-        self._broken.update(items[i].pos for i in raised)
+        for failed_items, exc in raised:
+            self._broken.update(items[i].pos for i in failed_items)
+            errors.append((len(failed_items), exc))
         stored: list[str] = []
         retags: list[tuple[str, tuple[str, ...]]] = []
         failed_positions: set[int] = set()

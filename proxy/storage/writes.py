@@ -16,6 +16,7 @@ import zlib
 from collections.abc import Sequence
 from typing import IO
 
+from proxy.room import no_room
 from proxy.settings import ring_body_limit
 from proxy.storage.disk import INLINE_LIMIT, new_body_id, with_checksum
 from proxy.storage.entry import ALL_TO_WRITE, META_TO_WRITE, Entry, body_key, encode_record
@@ -78,11 +79,17 @@ class BodySpool:
             self.too_large = self.no_room = True
             self.discard()
             return False
-        if self._file is None:
-            self._file = await writer.t.run(writer.spools.make_file)
-            pending, self._chunks = b"".join(self._chunks), []
-            await writer.t.run(self._write_file, pending)
-        await writer.t.run(self._write_file, chunk)
+        try:
+            if self._file is None:
+                self._file = await writer.t.run(writer.spools.make_file)
+                pending, self._chunks = b"".join(self._chunks), []
+                await writer.t.run(self._write_file, pending)
+            await writer.t.run(self._write_file, chunk)
+        except OSError as exc:  # (said now: the caller removes the spool file, which frees room)
+            room = no_room(writer.spools.root, exc)
+            if room is None:
+                raise
+            raise room from exc
         return True
 
     def _write_file(self, data: bytes) -> None:
