@@ -308,6 +308,12 @@ class Inspector:
         """Families only the owner of the cache directory reports: disk entries and evictions
         (entries evicted from disk, as the index's upkeep finds them)."""
         storage = self._runtime.storage
+        gone = ["cachegate_disk_directory_gone", "gauge",
+                "1 when the cache directory was found gone while running (removed, moved away, "
+                "another in its place): the disk tier is off, memory only, until a restart",
+                [["cachegate_disk_directory_gone", {}, float(storage.disk_gone is not None)]]]
+        if storage.disk_gone is not None:
+            return [gone]
         if storage.disk is None or storage.index is None:
             return []
         entries = await self._disk_entries()
@@ -330,6 +336,7 @@ class Inspector:
              "1 when the last count of the disk tier's entries failed: its entries gauge is the "
              "count before",
              [["cachegate_disk_entries_stale", {}, float(self.disk_count_failed is not None)]]],
+            gone,
         ]
 
     async def refresh(self) -> None:
@@ -401,6 +408,8 @@ class Inspector:
                 tiers["disk"]["index_damaged"] = damage
             if shards := await storage.run(disk.look_for_damage):
                 tiers["disk"]["shards_damaged"] = shards
+        elif storage.disk_gone is not None:  # (given up while running: memory only until a restart)
+            tiers["disk"] = {"gone": storage.disk_gone}
         counts = self.request_counts()
         seconds, recent = self.window.last(counts)
         hits: dict[tuple[str, str], int] = {}

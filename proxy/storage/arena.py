@@ -107,6 +107,10 @@ H_PROCESSES = 8 * 13  # the serving processes sharing the arena (at least 1)
 # (``DiskTier.count_index``); 0: none counted yet, the configured one holds (as an arena made
 # before the field read it). What every process's storable limit follows (``Writer.limit``).
 H_SHARD_BUDGET = 8 * 14
+# Non-zero once the owner found the cache directory gone under the running processes (removed,
+# moved away, another in its place: ``proxy.storage.upkeep``): every process then keeps to the
+# shared memory (``proxy.storage.work.Tiers.disk``), and writes nothing there any more.
+H_DISK_GONE = 8 * 15
 H_SECRET = 128  # 16 bytes
 
 _HEAD = struct.Struct("=QQIIIHBBII")
@@ -301,6 +305,16 @@ class Arena:
     def set_shard_budget(self, budget: int) -> None:
         """The owner's, after each ``DiskTier.count_index``: the other processes follow it."""
         self._set(H_SHARD_BUDGET, budget)
+
+    @property
+    def disk_gone(self) -> bool:
+        """Whether the owner found the cache directory gone (``H_DISK_GONE``): one read of the
+        shared header, no system call, no lock."""
+        return self.words[H_DISK_GONE >> 3] != 0
+
+    def set_disk_gone(self) -> None:
+        """The owner's, once (``proxy.storage.upkeep``): every process follows it."""
+        self._set(H_DISK_GONE, 1)
 
     @property
     def used(self) -> int:

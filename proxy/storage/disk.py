@@ -55,6 +55,7 @@ Facts of diskcache respected here:
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import logging
@@ -1028,6 +1029,12 @@ def _delete_entry(shard: diskcache.Cache, key: str) -> None:
     shard.delete("m:" + key)
 
 
+def identity(path: str) -> tuple[int, int]:
+    """A file's or folder's device and inode: the same while it is the same one."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
 def shard_of(key: str, shards: int) -> int:
     """A hash that every process computes alike (``hash()`` is salted per process)."""
     return zlib.crc32(key.encode("utf-8", "surrogatepass")) % shards
@@ -1050,6 +1057,7 @@ class DiskTier:
         cachegate from starting. ``empty``: start with every shard emptied (the index was
         lost: entries it no longer lists would escape purges)."""
         os.makedirs(path, exist_ok=True)
+        self._opened = identity(path)  # the directory opened (``directory_gone``)
         if empty:  # (every folder: those past a smaller count too)
             for i in sorted(set(shard_folders(path)) | set(range(shards))):
                 shutil.rmtree(os.path.join(path, f"{i:03d}"), ignore_errors=True)
@@ -1149,6 +1157,21 @@ class DiskTier:
         # write lock, so those reads never run in an event loop.
         self.reads_are_plain = diskcache.core.EVICTION_POLICY[eviction_policy]["get"] is None
 
+    def directory_gone(self) -> str | None:
+        """Why ``path`` is no longer the directory this process opened, else None: one stat,
+        compared with the one at open (its device and inode). The databases stay open and
+        working when their directory is removed or moved away, so no error says it."""
+        try:
+            now = identity(self.path)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE):
+                return "is gone (removed, moved away or unmounted)"
+            return None  # (not known now: the next round looks again)
+        if now != self._opened:
+            return ("is another directory than the one cachegate opened (removed and made again, "
+                    "or a filesystem mounted over it)")
+        return None
+
     def _held(self, shard: diskcache.Cache, exc: diskcache.Timeout) -> ShardBusy:
         """A lock's timeout with words: diskcache raises ``Timeout`` with none, and the log read
         "storing on disk under a shard's lock (timed out: not stored) failed: ; retrying"."""
@@ -1211,10 +1234,10 @@ class DiskTier:
         directory = self._shards[index].directory
         db_file = os.path.join(directory, "cache.db")
         code = _code(exc)
-        if code == SQLITE_CANTOPEN and not os.path.isdir(self.path):
-            # The cache directory itself is gone (moved away, unmounted): no damage of this shard,
-            # and writing its mark re-created a folder where the directory had been (it could
-            # not be moved back; the upkeep says it fails, then that it works again).
+        if code == SQLITE_CANTOPEN and self.directory_gone() is not None:
+            # The cache directory itself is gone (moved away, unmounted, another made in its
+            # place): no damage of this shard, and writing its mark re-created a folder where the
+            # directory had been (it could not be moved back). The owner's upkeep says it once.
             return False
         if code == SQLITE_CANTOPEN and not os.path.exists(db_file):
             problem: str | None = "its database file is gone"

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from proxy.room import FilesystemFull, NoRoomToConvert, NotWritable, filesystem_full, human_size
-from proxy.storage.disk import IN_LIST_MAX, damaged, in_list, not_writable, set_aside
+from proxy.storage.disk import IN_LIST_MAX, damaged, identity, in_list, not_writable, set_aside
 
 log = logging.getLogger("cachegate.storage")
 
@@ -213,6 +213,18 @@ class UrlTagIndex:
                         "with the disk tier emptied too (its entries are misses)", self.file, problem, aside)
             self.recreated = self.created = True
             self._create()
+        self._opened = identity(self.file)  # the file opened (``file_gone``)
+
+    def file_gone(self) -> bool:
+        """Whether ``file`` is no longer the file this process opened (removed, or another in
+        its place): one stat. Its connections go on working on the removed file, so no error
+        says it."""
+        try:
+            return identity(self.file) != self._opened
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False  # (not known now: the next round looks again)
 
     def _marked(self) -> str | None:
         """What a process noted when it found this index damaged while running (``noticed``)."""

@@ -289,6 +289,13 @@ class Persister:
         took 18 s where shutdown_grace was 10 (``unwritten`` says what was left)."""
         if until is not None:
             self._until = until
+        if not self.closed and self.arena.disk_gone:
+            # The cache directory is gone (``Tiers.lose_disk``): nothing is written there any
+            # more, and what the shared memory holds stays there alone (not pending, not
+            # unwritten: a stop says nothing of it; the error said it once).
+            self._cursor, self._taken_from = self.arena.head, None
+            self._retry.clear()
+            return 0
         committed = 0
         while not self.closed and not self._out_of_time():
             async with self._lock:

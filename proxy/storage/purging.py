@@ -194,7 +194,8 @@ class Purging:
                       soft: bool) -> tuple[int, list[Ban]]:
         t = self.t
         disk, index = t.disk, t.index
-        assert disk is not None
+        if disk is None:  # (its directory found gone since the caller looked: memory only)
+            return 0, []
         if index is not None and index.damage is None:
             try:
                 return self._purge_indexed(keys, prefixes, tags, all_, soft)
@@ -215,7 +216,8 @@ class Purging:
                        soft: bool) -> tuple[int, list[Ban]]:
         t = self.t
         disk, index = t.disk, t.index
-        assert disk is not None
+        if disk is None:
+            return 0, []
         count = 0
         bans: list[Ban] = []
         if index is not None:

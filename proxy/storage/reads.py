@@ -404,8 +404,10 @@ class Reader:
         inspection never read a body. ``open_body`` reads it when a body is really sent;
         ``bodies`` reads a single small one now (see ``get``)."""
         t = self.t
-        assert t.disk is not None
-        entries = t.bans.apply(t.disk.get_variants(key))
+        disk = t.disk
+        if disk is None:  # (its directory found gone since the caller looked: memory only)
+            return ()
+        entries = t.bans.apply(disk.get_variants(key))
         if not _ClockBack.seen:
             note_clock_back(entries, time.time())
         if bodies and len(entries) == 1 and entries[0].body_size <= t.memory.max_object:
@@ -528,8 +530,8 @@ class Reader:
 
         ``missed``: no copy in memory (``open_body``): a file cut short is then a miss, said
         and counted (``cut_short_before_open``), as one cut short while open is."""
-        assert self.t.disk is not None
-        raw = self.t.disk.get_body(e.key, e.body_id, e.body_size)
+        disk = self.t.disk
+        raw = disk.get_body(e.key, e.body_id, e.body_size) if disk is not None else None
         if raw is None or isinstance(raw, bytes):
             return raw
         size = os.fstat(raw.fileno()).st_size
@@ -576,10 +578,10 @@ class Reader:
         None when it is gone, not its length, or a file whose bytes do not match the checksum
         its id carries (``disk.body_checksum``): the caller forgets the variant, as for a body
         the disk no longer has, and the next request refetches it."""
-        assert self.t.disk is not None
-        if (e.key, e.body_id) in self._damaged:
+        disk = self.t.disk
+        if disk is None or (e.key, e.body_id) in self._damaged:
             return None
-        raw = self.t.disk.get_body(e.key, e.body_id, e.body_size)
+        raw = disk.get_body(e.key, e.body_id, e.body_size)
         if raw is None:
             return None
         body = raw if isinstance(raw, bytes) else _read_all(raw)

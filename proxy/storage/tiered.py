@@ -129,6 +129,12 @@ class Storage:
         return self.tiers.index
 
     @property
+    def disk_gone(self) -> str | None:
+        """Why the disk tier was given up while running (its cache directory is gone:
+        ``Tiers.disk``), else None; ``disk`` and ``index`` are None from then on."""
+        return self.tiers.gone
+
+    @property
     def bans(self) -> BanList:
         return self.tiers.bans
 
@@ -197,8 +203,8 @@ class Storage:
     def stop_waiting(self) -> None:
         """The process stops: disk calls give up a shard's held write lock at once rather than
         keep the stop waiting (the executor is drained before the shared memory is closed)."""
-        if self.tiers.disk is not None:
-            self.tiers.disk.stop_waiting()
+        if self.tiers.opened_disk is not None:
+            self.tiers.opened_disk.stop_waiting()
 
     def close(self) -> None:
         t = self.tiers
@@ -209,10 +215,10 @@ class Storage:
         if self._own_executor:
             t.executor.shutdown(wait=True)
         self.reads.close()
-        if t.disk is not None:
-            t.disk.close()
-        if t.index is not None:
-            t.index.close()
+        if t.opened_disk is not None:  # (closed, gone or not: closing writes nothing)
+            t.opened_disk.close()
+        if t.opened_index is not None:
+            t.opened_index.close()
         self.spools.close()
         t.memory.close()
 

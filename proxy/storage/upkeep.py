@@ -43,18 +43,33 @@ class Upkeep:
         self._gc_dropped_since_vacuum = 0
 
     async def maintain(self, *, orphans_before: float | None = None) -> UpkeepStats:
-        """One round of upkeep: sweep bans, a step of index GC, and (when asked) orphans."""
+        """One round of upkeep: sweep bans, a step of index GC, and (when asked) orphans; first
+        of all, whether the cache directory is still the one opened (``directory_gone``)."""
         t = self.t
         if t.index is None or t.disk is None:
             return self.stats
+        if await t.run(self.directory_gone):
+            return self.stats
+        try:
+            return await self._round(orphans_before)
+        except Exception:
+            # A round that failed as the directory went away under it is that, said once as
+            # that (not a failed round with its traceback, nor the index's damage).
+            if await t.run(self.directory_gone):
+                return self.stats
+            raise
+
+    async def _round(self, orphans_before: float | None) -> UpkeepStats:
+        t = self.t
         index = t.index
+        assert index is not None and t.disk is not None
         if index.damage is None:
             try:
                 await self._index_round()
             except sqlite3.DatabaseError as exc:
                 # A damaged index: noted (and logged) once, set aside at the next start; until
                 # then purges empty the disk tier, and the rounds leave the index alone.
-                if not await t.run(index.noticed, exc):
+                if await t.run(self.directory_gone) or not await t.run(index.noticed, exc):
                     raise
         await t.run(self._checkpoint)
         await t.run(index.look_for_damage)  # found by a worker: for /healthz and the metrics
@@ -65,6 +80,27 @@ class Upkeep:
                 log.info("removed %d orphan(s) left by an earlier crash", removed)
             self.stats.orphans_removed += removed
         return self.stats
+
+    def directory_gone(self) -> bool:
+        """Whether the cache directory (or its index) is no longer the one this process opened:
+        then the disk tier is given up in every process (``Tiers.lose_disk``: memory only), and
+        said once, as an error naming the directory and what to do. Two stats a round."""
+        t = self.t
+        disk, index = t.disk, t.index
+        if disk is None or index is None:
+            return True
+        why = disk.directory_gone()
+        if why is None and index.file_gone():
+            why = f"lost its index {index.file} (removed, or another file in its place)"
+        if why is None:
+            return False
+        t.lose_disk(f"the cache directory {disk.path} {why}")
+        log.error("the cache directory %s %s while cachegate ran: the disk tier is off until "
+                  "cachegate restarts (responses are kept in the shared memory only, and nothing "
+                  "is read from or written to %s any more, nor at the stop); restart cachegate to "
+                  "have a disk tier again (it starts it empty; a directory moved away can be moved "
+                  "back first, with its entries)", disk.path, why, disk.path)
+        return True
 
     async def _index_round(self) -> None:
         """Bans swept, then a step of the index GC."""

@@ -140,15 +140,50 @@ class InProgress:
 
 @dataclass(eq=False)
 class Tiers:
-    """The tiers and what goes with them, as every role of the store sees them."""
+    """The tiers and what goes with them, as every role of the store sees them.
+
+    ``disk`` and ``index`` are the disk tier and its index as opened (``opened_disk``,
+    ``opened_index``) until the cache directory is found gone under the running processes
+    (removed, moved away, another in its place: ``proxy.storage.upkeep``); from then on None,
+    in every process (the shared memory's flag, ``Arena.disk_gone``), so that every role takes
+    its memory-only path and nothing is read from or written to that directory any more. Why:
+    a directory removed by hand went unnoticed, the databases kept open (their space held,
+    invisibly), diskcache made body files again in a directory of the same name with no
+    database to name them, and the stop wrote an empty index there."""
 
     memory: MemoryTier
-    disk: DiskTier | None
-    index: UrlTagIndex | None
+    opened_disk: DiskTier | None
+    opened_index: UrlTagIndex | None
     bans: BanList
     executor: ThreadPoolExecutor
     work: InProgress = field(default_factory=InProgress)
     closed: bool = False
+    # Why the cache directory is gone, as the owner found it (``lose_disk``); in another process
+    # that only saw the shared memory's flag, a word of that.
+    gone: str | None = None
+
+    @property
+    def disk(self) -> DiskTier | None:
+        """The disk tier, None without one or once its directory is gone (one read of the
+        shared memory's header until then: no system call)."""
+        disk = self.opened_disk
+        if disk is None or self.gone is not None:
+            return None
+        if not self.closed and self.memory.arena.disk_gone:
+            self.gone = "the process that owns the cache directory found it gone"
+            return None
+        return disk
+
+    @property
+    def index(self) -> UrlTagIndex | None:
+        """The URL and tag index, None as ``disk`` is."""
+        return self.opened_index if self.disk is not None else None
+
+    def lose_disk(self, why: str) -> None:
+        """The cache directory is gone (the owner's upkeep found it): memory only from now on,
+        in every process."""
+        self.gone = why
+        self.memory.arena.set_disk_gone()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in the thread pool (every diskcache and SQLite call blocks)."""

@@ -176,8 +176,8 @@ class Writer:
         to half the configured budget, answered them stored, and the owner's cull took them
         within seconds."""
         disk = self.t.disk
-        if disk is None:
-            return self.max_object
+        if disk is None:  # (memory only, or its directory found gone: what one record holds)
+            return min(self.max_object, self.t.memory.max_object)
         disk.follow_budget(self.t.memory.arena.shard_budget)
         return min(self.max_object, disk.max_body)
 
@@ -188,12 +188,13 @@ class Writer:
         put, after its MISS had said ``stored``, and the next request missed again. (Its
         metadata is measured with the longest body id and the largest size it may carry: a
         few bytes more, never less.)"""
+        limit = self.limit()
         if self.t.disk is not None:
-            return self.limit()
-        probe = entry.with_body(with_checksum(new_body_id(), 0), self.max_object)
-        meta = encode_record([(probe, self.max_object, ALL_TO_WRITE)])
+            return limit
+        probe = entry.with_body(with_checksum(new_body_id(), 0), limit)
+        meta = encode_record([(probe, limit, ALL_TO_WRITE)])
         key = len(entry.key.encode("utf-8", "surrogatepass"))
-        return max(0, min(self.max_object, ring_body_limit(self.t.memory.arena.capacity) - key - len(meta)))
+        return max(0, min(limit, ring_body_limit(self.t.memory.arena.capacity) - key - len(meta)))
 
     def reserve(self, spool: BodySpool, total: int) -> bool:
         """Let ``spool`` hold ``total`` bytes of spool room: yes within the room, or when it is
@@ -327,8 +328,9 @@ class Writer:
         """A body the shared memory does not hold (too big), then index (a new seq), then
         metadata; the stored entry, or None on failure."""
         t = self.t
-        disk = t.disk
-        assert disk is not None
+        disk, index = t.disk, t.index
+        if disk is None:  # (its directory found gone since the caller looked: memory only)
+            return None
         payload: bytes | IO[bytes]
         if body is not None:
             payload = body
@@ -342,7 +344,7 @@ class Writer:
             disk.delete_body(entry.key, entry.body_id)  # a partial write may have left it
             self.spools.settle(entry.body_id)
             return None
-        seq = t.index.add(entry.key, entry.tags) if t.index else 0
+        seq = index.add(entry.key, entry.tags) if index else 0
         new = entry.with_seq(seq)
         kept: list[tuple[Entry, ...]] = []
         committed = disk.commit(entry.key, adding(t.bans, new, kept))
@@ -351,8 +353,8 @@ class Writer:
         self.spools.settle(entry.body_id)
         if not committed:
             return None
-        if t.index is not None:
-            t.index.retag([(entry.key, committed_tags(new, kept))])
+        if index is not None:
+            index.retag([(entry.key, committed_tags(new, kept))])
         return new
 
     async def update(self, entries: Sequence[Entry]) -> None:
@@ -385,12 +387,14 @@ class Writer:
 
     def _update_on_disk(self, entries: list[Entry]) -> None:
         t = self.t
-        assert t.disk is not None
+        disk, index = t.disk, t.index
+        if disk is None:  # (its directory found gone since the caller looked: memory only)
+            return
         key = entries[0].key
         tags = tuple(sorted({tag for e in entries for tag in e.tags}))
         # A new seq: a soft purge that covered the old copy does not cover the revalidated one.
-        seq = t.index.add(key, tags) if t.index else 0
+        seq = index.add(key, tags) if index else 0
         kept: list[tuple[Entry, ...]] = []
-        if t.disk.commit(key, updating(t.bans, [e.with_seq(seq) for e in entries], kept)) \
-                and t.index is not None:
-            t.index.retag([(key, committed_tags(entries[0], kept) if kept else tags)])
+        if disk.commit(key, updating(t.bans, [e.with_seq(seq) for e in entries], kept)) \
+                and index is not None:
+            index.retag([(key, committed_tags(entries[0], kept) if kept else tags)])

@@ -563,7 +563,10 @@ async def healthz(request: web.Request) -> web.Response:
 
     200 "degraded" when the disk tier's index was found damaged: cachegate serves (so a load
     balancer keeps sending traffic), but purges empty the whole disk tier until a restart sets
-    the index aside; the reason names the file and says so."""
+    the index aside; the reason names the file and says so. Likewise when a disk shard was
+    found damaged, and when the cache directory is gone (the disk tier is off: memory only until
+    a restart). A write that fails (a full disk) does not make it degraded: that is in
+    ``GET /stats`` (``storage``) and the metrics, and each fill tries again."""
     runtime = request.app[ADMIN].runtime
     node = runtime.cluster
     if node is not None and not node.ready:  # the cluster's reason first: it is why the rest waits
@@ -576,23 +579,9 @@ async def healthz(request: web.Request) -> web.Response:
     workers = runtime.workers_health() if runtime.workers_health is not None else None
     if workers is not None:
         return web.json_response({"status": "degraded", "reason": workers}, status=503)
-    index = runtime.storage.index
-    if index is not None and (damage := index.known_damage) is not None:
-        damage = " ".join(damage.split())  # (one line: ``cachegate health`` prints it)
-        body = {"status": "degraded",
-                "reason": f"the disk tier's index {index.file} is damaged ({damage}): every purge "
-                          "empties the whole disk tier until cachegate restarts; restart it (the "
-                          "restart sets the index aside and starts the disk tier empty)"}
-        if node is not None:
-            body["cluster"] = node.state
-        return web.json_response(body)
-    disk = runtime.storage.disk
-    if disk is not None and (shards := disk.damaged_shards()):
-        named = "; ".join(f"{folder} ({why})" for folder, why in shards.items())
-        body = {"status": "degraded",
-                "reason": " ".join(f"disk shard(s) found damaged: {named}: their entries are "
-                                   "misses; restart cachegate (the restart sets them aside and "
-                                   "starts them empty)".split())}
+    trouble = disk_trouble(runtime)
+    if trouble is not None:
+        body = {"status": "degraded", "reason": " ".join(trouble.split())}  # (one line: ``cachegate health``)
         if node is not None:
             body["cluster"] = node.state
         return web.json_response(body)
@@ -602,6 +591,26 @@ async def healthz(request: web.Request) -> web.Response:
     if node.state != "ready":
         body["reason"] = node.reason  # serving from the local cache while Redis is away
     return web.json_response(body)
+
+
+def disk_trouble(runtime: Runtime) -> str | None:
+    """Why the disk tier serves less than it should while cachegate serves (``/healthz``' 200
+    "degraded"), with what to do; None when it does not."""
+    storage = runtime.storage
+    if (gone := storage.disk_gone) is not None:
+        return (f"{gone}: the disk tier is off (responses are kept in memory only) until cachegate "
+                "restarts; restart it (it starts the disk tier empty)")
+    index = storage.index
+    if index is not None and (damage := index.known_damage) is not None:
+        return (f"the disk tier's index {index.file} is damaged ({damage}): every purge empties the "
+                "whole disk tier until cachegate restarts; restart it (the restart sets the index "
+                "aside and starts the disk tier empty)")
+    disk = storage.disk
+    if disk is not None and (shards := disk.damaged_shards()):
+        named = "; ".join(f"{folder} ({why})" for folder, why in shards.items())
+        return (f"disk shard(s) found damaged: {named}: their entries are misses; restart cachegate "
+                "(the restart sets them aside and starts them empty)")
+    return None
 
 
 async def cluster(request: web.Request) -> web.Response:

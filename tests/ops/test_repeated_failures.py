@@ -1,17 +1,15 @@
-"""A background job that keeps failing (the storage upkeep, when its directory is gone or the
-process is at its open-files limit) logs its traceback once, then at most once a minute, and
-says when it works again: before, a traceback every second buried the log."""
+"""A background job that keeps failing (the storage upkeep, when the process is at its
+open-files limit) logs its traceback once, then at most once a minute, and says when it works
+again: before, a traceback every second buried the log. (The cache directory moved away is no
+failure of the upkeep any more: ``tests/storage/test_directory_gone.py``.)"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import re
 import sqlite3
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +17,6 @@ import pytest
 import proxy.runtime
 from proxy.logs import RepeatedFailure, Summarised
 from tests.conftest import MakeProxy
-from tests.harness import spawn_cachegate, write_config
 
 
 def _wait_for(output: Callable[[], str], text: str, timeout: float) -> bool:
@@ -29,35 +26,6 @@ def _wait_for(output: Callable[[], str], text: str, timeout: float) -> bool:
             return True
         time.sleep(0.05)
     return False
-
-
-@pytest.mark.slow
-def test_an_upkeep_failing_every_second_logs_one_traceback_then_says_it_works_again(tmp_path: Path) -> None:
-    config = write_config(str(tmp_path), "http://127.0.0.1:9")
-    proxy = spawn_cachegate(["run", "--config", config, "--workers", "1"])
-    cache, moved = tmp_path / "cache", tmp_path / "cache.moved"
-    try:
-        # The cache directory moved away under the running process (an unmount, a careless
-        # clean-up): its open databases still work, the upkeep's checkpoint cannot open one.
-        os.rename(cache, moved)
-        assert _wait_for(lambda: proxy.text, "storage upkeep failed", 10), proxy.text
-        time.sleep(3.5)  # three or four more rounds
-        failed = proxy.text.count("storage upkeep failed")
-        os.rename(moved, cache)
-        # Once no round failed for 10 s (``SETTLE``).
-        assert _wait_for(lambda: proxy.text, "storage upkeep works again", 25), proxy.text
-    finally:
-        if moved.exists() and not cache.exists():
-            os.rename(moved, cache)
-        assert proxy.stop() == 0, proxy.text
-    # Four or five rounds failed; each step that fails (the shards' checkpoint or cull, the
-    # index's read, as whichever storage thread runs it has a connection open or not) is logged
-    # once: never the same place twice, where a traceback per round was logged before.
-    tracebacks = [line for line in proxy.text.splitlines() if "storage upkeep failed" in line]
-    places = [re.findall(r'File "([^"]+)", line (\d+)', line)[-1] for line in tracebacks]
-    assert 1 <= failed <= 3 and proxy.text.count("Traceback") == len(tracebacks) == failed, proxy.text
-    assert len(set(places)) == len(places), places
-    assert "storage upkeep still failing" not in proxy.text, proxy.text  # once a minute, not within seconds
 
 
 def test_the_same_failure_is_summed_once_a_minute_and_another_is_logged_at_once(
