@@ -15,7 +15,13 @@ Two settings of Redis break the cluster without any command failing at once:
   needs no permission beyond ``EVAL`` (``ACL DRYRUN`` needs the admin commands, which a user
   of least privilege lacks); Redis before 7 has neither, and is not checked (a debug line).
 
-Either is ``RedisUnfit``, a session's end as when Redis refuses the password: refused at start
+A Redis without ``EVAL`` (``rename-command EVAL ""``) is unfit too, said as such: every script
+fails (the first heartbeat said "unknown command 'EVAL', with args beginning with" the script's
+text). A Redis without ``INFO`` (renamed away the same way, or an ACL user without it) is not: the
+policy is then not checked (a WARNING once), and nothing else needs ``INFO`` (refused as an error,
+it kept such a node from ever connecting: hardening guides rename ``INFO`` away).
+
+Each problem is ``RedisUnfit``, a session's end as when Redis refuses the password: refused at start
 with ``cluster.required: true``, otherwise (and when it comes up under a running node) the
 node is disconnected with the reason, serves from its tiers, answers purges 503 and retries.
 """
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,6 +57,26 @@ for i, c in ipairs(cjson.decode(ARGV[1])) do
 end
 return denied
 """
+
+
+# What a Redis without EVAL is told (``rename-command EVAL ""``, a hardening some guides give).
+NO_EVAL = ("has no EVAL command (renamed away with rename-command?), and cachegate cannot work "
+           "without it: every step it takes on Redis that must be atomic is a Lua script sent with "
+           "EVAL (a purge's append to the stream, each heartbeat, the start of a catch-up, the list "
+           "of live nodes, leaving; with shared_cache every lookup, fill and purge of the shared "
+           "tier); give EVAL back its name (scripts need nothing else: no EVALSHA, SCRIPT or "
+           "FUNCTION)")
+
+
+def _unknown_command(exc: ResponseError, name: str) -> bool:
+    """Whether Redis answered that it has no such command (renamed away, or not in this build).
+
+    >>> _unknown_command(ResponseError("unknown command 'EVAL', with args beginning with: "), "EVAL")
+    True
+    >>> _unknown_command(ResponseError("ERR unknown command `eval`, with args beginning with:"), "EVAL")
+    True
+    """
+    return re.search(rf"unknown command [`']{name}[`']", str(exc), re.IGNORECASE) is not None
 
 
 class RedisUnfit(ResponseError):
@@ -156,7 +183,10 @@ class RedisCheck:
             denied: Any = await r.eval(PERMITTED, 0, json.dumps(self.commands))
         except NoPermissionError as exc:
             return self._deny(user, ["EVAL"], exc)
-        except ResponseError as exc:  # (a Redis whose scripts cannot do this one)
+        except ResponseError as exc:
+            if _unknown_command(exc, "EVAL"):  # (renamed away: rename-command EVAL "")
+                return NO_EVAL
+            # (a Redis whose scripts cannot do this one: its other commands are checked by use)
             self._once("acl", logging.DEBUG, "cluster: the ACL permissions of cluster.redis's user are "
                        f"not checked: Redis answered the check with an error ({exc})")
             return None
@@ -179,10 +209,12 @@ class RedisCheck:
     async def _eviction(self, r: aioredis.Redis) -> str | None:
         try:
             memory: Any = await r.info("memory")
-        except NoPermissionError as exc:
-            self._once("info", logging.WARNING, "cluster: Redis's maxmemory-policy is not checked: the "
-                       f"user of cluster.redis may not run INFO ({exc}); make sure it is not allkeys-* "
-                       "(docs/cluster.md, shared tier)")
+        except ResponseError as exc:
+            # Not a reason to stay away from a Redis that works: nothing else needs INFO.
+            why = (f"the user of cluster.redis may not run INFO ({exc})" if isinstance(exc, NoPermissionError)
+                   else f"Redis answered INFO with an error ({exc}: renamed away with rename-command?)")
+            self._once("info", logging.WARNING, f"cluster: Redis's maxmemory-policy is not checked: {why}; "
+                       "make sure it is not allkeys-* (docs/cluster.md, shared tier)")
             return None
         return eviction_problem(memory)
 

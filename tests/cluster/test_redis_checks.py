@@ -213,3 +213,46 @@ async def _ready(proc: ProxyProcess) -> bool:
 async def _reason_has(proc: ProxyProcess, text: str) -> bool:
     view = await cluster_view(proc)
     return not view["connected"] and text in view["reason"]
+
+
+async def test_a_redis_without_info_is_used_unchecked_and_one_without_eval_is_refused_naming_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``rename-command INFO ""`` (a common hardening): the check of the eviction policy answered
+    "unknown command 'INFO'" and the node never connected (purges 503 for ever, a refused start
+    with ``required: true``), where nothing else needs INFO. Now the policy goes unchecked, said
+    in one WARNING, as for an ACL user without INFO. Without EVAL nothing can work (every step
+    is a script): the start is refused naming EVAL, not with the first script's text."""
+    servers = []
+    try:
+        for command in ("INFO", "EVAL"):
+            server = RedisServer(str(tmp_path / command))
+            server.args = ["--rename-command", command, ""]
+            server.start()
+            servers.append(server)
+        no_info, no_eval = servers
+        ns = f"t{uuid.uuid4().hex[:8]}"
+        caplog.set_level("WARNING", logger="cachegate.cluster")
+        node = ClusterNode(settings(no_info.url, ns, shared_cache=True, required=True), nothing, None)
+        await node.start()
+        try:
+            assert node.connected and node.state == "ready", node.reason
+            outcome = await node.purge(PurgeSpec(urls=("http://x/p",)))
+            assert outcome.nodes == {"a": 0}
+            await node._check.run(node._redis)  # (every 10 heartbeats: said once all the same)
+        finally:
+            await node.close()
+        said = [(r.levelname, r.getMessage()) for r in caplog.records
+                if "maxmemory-policy is not checked" in r.getMessage()]
+        assert len(said) == 1 and said[0][0] == "WARNING", said
+        assert "Redis answered INFO with an error" in said[0][1], said
+        assert "renamed away with rename-command?" in said[0][1] and "not allkeys-*" in said[0][1], said
+
+        node = ClusterNode(settings(no_eval.url, ns, required=True), nothing, None)
+        with pytest.raises(ClusterUnavailable) as info:
+            await node.start()
+        said_eval = str(info.value)
+        assert f"Redis at {no_eval.url} has no EVAL command (renamed away with rename-command?)" in said_eval
+        assert "give EVAL back its name" in said_eval and "args beginning" not in said_eval, said_eval
+    finally:
+        for server in servers:
+            server.stop()
