@@ -37,8 +37,9 @@ longer counted it live: ``_away_ticks``); invalidations made
 meanwhile (or refused by a Redis that answers but takes no writes) are applied
 locally at once and kept in an outbox, retried every heartbeat: each is then
 removed from the shared tier, appended to the stream and applied here again. The outbox
-is kept in the cache directory too (``proxy.cluster.outbox``), read at start and sent after
-the catch-up: a restart meanwhile (to repoint ``cluster.redis`` after a failover) lost it.
+is kept in the cache directory too (``proxy.cluster.outbox``), read at start and sent once the
+node has caught up, behind it (the node serves meanwhile), ``OUTBOX_BATCH`` at a time: a restart
+meanwhile (to repoint ``cluster.redis`` after a failover) lost it.
 While the outbox holds anything, the node does not consult the shared tier (with
 ``--workers N`` the supervisor tells its workers: ``outbox_changed``).
 """
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -60,6 +62,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from redis.exceptions import AuthenticationError, ReadOnlyError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.cluster import HOLD_MAX, ClusterUnavailable, stream
 from proxy.cluster.outbox import OUTBOX_FILE, OutboxFile, Queued
@@ -87,6 +90,7 @@ READ_BATCH = 1000  # stream entries read (and, when many, merged) at once
 FIRST_READ = 16  # entries read to find where a backlog begins (past any that no node appended)
 BLOCK_MS = 1000  # XREAD BLOCK: how long a read waits for new entries
 OUTBOX_MAX = 10_000  # invalidations kept while Redis is unreachable
+OUTBOX_BATCH = 500  # invalidations of the outbox sent at once (one pipeline of appends)
 LOST_SHOWN = 100  # URLs a stop that loses the outbox names in its log line
 EARLY_ACKS_MAX = 10_000  # acks kept while appends are in flight (the oldest go first)
 RECONNECT_DELAY = (0.2, 0.5, 1.0)  # then every second
@@ -280,6 +284,7 @@ class ClusterNode:
         self._wake = asyncio.Event()  # the next reconnection attempt comes now (a lapse while cut off)
         self._ticks: asyncio.Task[None] | None = None  # _away_ticks
         self._flushing = asyncio.Lock()  # one sender of the outbox at a time
+        self._batch = OUTBOX_BATCH  # invalidations it sends at once (fewer after a batch timed out)
         self._telling = asyncio.Lock()  # one message to the workers about it at a time
         self._told = False  # what the workers were told: invalidations wait in the outbox
         self._outbox_failing = False  # the last attempt to send the outbox failed (logged once)
@@ -442,7 +447,11 @@ class ClusterNode:
             tasks += [asyncio.ensure_future(self._listen_acks(pubsub)),
                       asyncio.ensure_future(self._heartbeats()), asyncio.ensure_future(self._recheck())]
             await self._catch_up(self._caught_up_all_along)
-            await self._try_flush_outbox()
+            # Ready before the outbox is sent (_send_outbox, at once): what it holds was applied
+            # here when it was made, and this node does not consult the shared tier until it is
+            # sent; the other nodes serve meanwhile what they served while Redis was away. Sent
+            # first, it held a start up (proxy not listening) for about 7 ms an entry at 1 ms a
+            # round trip: 70 s for a full outbox.
             self._set_state("ready", "")
             self._release_hits()
             if not self.ever_ready:
@@ -937,44 +946,73 @@ class ClusterNode:
             self._told = pending
 
     async def _flush_outbox(self) -> None:
-        """Send the invalidations Redis could not take, each as ``purge()`` does: out of the
-        shared tier first (it may still hold what they cover), then onto the stream, then
-        applied here again (a fill may have stored a covered object here meanwhile). One stays
-        in the outbox until all three are done."""
+        """Send the invalidations Redis could not take, as ``purge()`` does each, ``OUTBOX_BATCH``
+        at a time: out of the shared tier first (it may still hold what they cover; the batch as
+        one purge), then onto the stream (one entry each, as made, in one pipeline), then applied
+        here again (a fill may have stored a covered object here meanwhile; the batch as one
+        local purge). One stays in the outbox until it is on the stream. One at a time, each
+        entry cost three round trips and a local purge: 10,000 took 6 s on a unix socket, about
+        70 s at 2 ms a round trip (a saved outbox delayed the start that long)."""
         async with self._flushing:
             loop = asyncio.get_running_loop()
             while self._outbox:
                 r = self._redis
                 if r is None:
                     return
-                spec = self._outbox[0].spec
+                batch = [q.spec for q in itertools.islice(self._outbox, self._batch)]
                 if self._shared_purge is not None:
-                    await self._shared_purge(spec)
+                    for merged in stream.merge_specs(batch):
+                        await self._shared_purge(merged)
                 appending: asyncio.Future[None] = loop.create_future()
                 self._appending.add(appending)
+                applied: asyncio.Future[None] = loop.create_future()
+                sent = 0
+                failed: BaseException | None = None
                 try:
-                    entry_id, _, _ = await r.eval(
-                        APPEND, 3, self.names.stream, self.names.seq, self.names.epoch,
-                        self.settings.stream_max, self.name,
-                        json.dumps(spec.to_json(), separators=(",", ":")), uuid.uuid4().hex)
-                    applied: asyncio.Future[None] = loop.create_future()
-                    self._own[str(entry_id)] = applied
+                    async with asyncio.timeout(self.settings.timeout), r.pipeline(transaction=False) as pipe:
+                        for spec in batch:
+                            pipe.eval(APPEND, 3, self.names.stream, self.names.seq, self.names.epoch,
+                                      self.settings.stream_max, self.name,
+                                      json.dumps(spec.to_json(), separators=(",", ":")), uuid.uuid4().hex)
+                        answers = await pipe.execute(raise_on_error=False)
+                except (TimeoutError, RedisTimeoutError):
+                    # Smaller batches from now on (Redis may have made these: they are sent again,
+                    # harmlessly): the same batch would time out again, for ever.
+                    self._batch = max(1, len(batch) // 4)
+                    raise
+                else:
+                    for answer in answers:  # (any after a refused one stays: sent again, harmlessly)
+                        if isinstance(answer, BaseException):
+                            failed = answer
+                            break
+                        self._own[str(answer[0])] = applied
+                        sent += 1
+                    if sent == len(batch):
+                        self._batch = min(OUTBOX_BATCH, self._batch * 2)
                 finally:
                     self._appended(appending)
-                self._outbox.popleft()
-                if self._kept is not None:
-                    self._kept.changed()
-                self.counts["sent"] += 1
-                try:
-                    await self._local(spec)
-                finally:
-                    applied.set_result(None)
+                    if not sent:
+                        applied.set_result(None)
+                if sent:
+                    for _ in range(sent):
+                        self._outbox.popleft()
+                    if self._kept is not None:
+                        self._kept.changed()
+                    self.counts["sent"] += sent
+                    try:
+                        for merged in stream.merge_specs(batch[:sent]):
+                            await self._local(merged)
+                    finally:
+                        applied.set_result(None)
+                if failed is not None:
+                    raise failed
                 if not self._outbox:
                     await self._tell_outbox()
 
     def _load_outbox(self) -> None:
         """The invalidations this node's last run could not send (``proxy.cluster.outbox``): sent
-        once this start has caught up, before those made since, as if it had never stopped."""
+        once this start has caught up (behind: the node serves meanwhile), in the order they were
+        made."""
         if self._kept is None:
             return
         path = self._kept.path
@@ -1187,11 +1225,11 @@ class ClusterNode:
                 await self._check.run(self._redis)
 
     async def _send_outbox(self) -> None:
-        """Retry the outbox every heartbeat while it holds anything (a purge that Redis refused
-        while the connection stayed up lands there too)."""
+        """Send the outbox as the session is ready, then retry it every heartbeat while it holds
+        anything (a purge that Redis refused while the connection stayed up lands there too)."""
         while self._goes_on():
-            await asyncio.sleep(self.settings.heartbeat)
             await self._try_flush_outbox()
+            await asyncio.sleep(self.settings.heartbeat)
 
     async def view(self) -> dict[str, Any]:
         """``GET /cluster``: every node this Redis has seen, with its state and lag."""

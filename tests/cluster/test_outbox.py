@@ -7,12 +7,16 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import uuid
 from pathlib import Path
 
 import pytest
 
 from proxy.cluster import outbox
+from proxy.cluster.node import ClusterNode
 from proxy.cluster.outbox import OUTBOX_FILE, OutboxFile, Queued
+from proxy.cluster.redis_io import Names
+from proxy.cluster.settings import ClusterSettings
 from proxy.purge import PurgeSpec
 from tests.cluster.nodes import Nodes, cluster_view, metrics, wait_until
 from tests.cluster.redis_server import RedisServer
@@ -205,3 +209,48 @@ async def test_the_outbox_file_is_written_a_few_times_for_a_burst_and_removed_on
     again.changed()
     assert await again.close()
     assert not (tmp_path / OUTBOX_FILE).exists()
+
+
+async def test_a_node_serves_while_the_outbox_it_saved_drains_in_batches(
+        tmp_path: Path, shared_redis: RedisServer) -> None:
+    """An outbox left by the last run was sent before the node said it was ready, one invalidation
+    at a time (a shared-tier purge, an append, a local purge each): 2,000 held a start up 17 s at
+    1 ms a round trip, beyond the shipped startup probe for a full outbox. Its invalidations were
+    applied here when they were made, and the node does not consult the shared tier until they
+    are sent, so it is ready at once (here: while its local purges of them cannot finish) and
+    sends them behind, a batch at a time: every one its own stream entry, in order, and one
+    local purge a batch."""
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    n = 1200
+    urls = [f"http://{HOST}/o/{i}" for i in range(n)]
+    (tmp_path / OUTBOX_FILE).write_text(outbox.encode("a", [
+        Queued(PurgeSpec(urls=(u,), invalidation=True), 1000.0 + i) for i, u in enumerate(urls)]))
+    go = asyncio.Event()
+    local: list[PurgeSpec] = []
+    told: list[bool] = []
+
+    async def purge_here(spec: PurgeSpec) -> int:
+        local.append(spec)
+        await go.wait()
+        return len(spec.urls)
+
+    async def tell(pending: bool) -> None:
+        told.append(pending)
+
+    settings = ClusterSettings(redis=shared_redis.url, node="a", namespace=ns, heartbeat=0.2, timeout=2.0)
+    node = ClusterNode(settings, purge_here, str(tmp_path), outbox_changed=tell)
+    try:
+        await asyncio.wait_for(node.start(), 10)  # (it waited for its local purges before)
+        assert node.state == "ready" and node.ready and node.invalidations_pending
+        go.set()
+        await wait_until(lambda: asyncio.sleep(0, not node.invalidations_pending), wait=20)
+        entries = await node._redis.xrange(Names(ns).stream)
+        sent = [u for _, fields in entries for u in json.loads(fields["spec"])["urls"]]
+        assert sent == urls  # one entry each, in the order they were made
+        assert [len(spec.urls) for spec in local] == [500, 500, 200], [len(s.urls) for s in local]
+        assert told == [False] and node.counts["sent"] == n
+        await wait_until(lambda: asyncio.sleep(0, not (tmp_path / OUTBOX_FILE).exists()))
+    finally:
+        go.set()
+        await node.close()
+
