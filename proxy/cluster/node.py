@@ -1012,24 +1012,31 @@ class ClusterNode:
     def _load_outbox(self) -> None:
         """The invalidations this node's last run could not send (``proxy.cluster.outbox``): sent
         once this start has caught up (behind: the node serves meanwhile), in the order they were
-        made."""
+        made. A file that cannot be read, whole or in part, is moved aside (``.bad``) once said:
+        left in place it was said, and lost, again at every start, and counted at none."""
         if self._kept is None:
             return
         path = self._kept.path
         try:
             entries, unreadable = self._kept.read()
         except Exception as exc:  # (OSError; ValueError, RecursionError: not an outbox)
+            # Counted as one: how many it held cannot be known, and it held one at least (the
+            # file exists only while the outbox holds any).
+            self.counts["outbox_dropped"] += 1
             log.error("cluster: %s is unreadable (%s): the invalidations this node could not send "
                       "before it stopped are lost (the other nodes may serve what they covered until "
-                      "it expires)", path, exc)
+                      "it expires; counted as one in outbox_dropped: how many it held is unknown); %s",
+                      path, exc, self._kept.set_aside())
             return
         over = max(0, len(entries) - OUTBOX_MAX)
+        entries = entries[over:]
         if unreadable or over:
             self.counts["outbox_dropped"] += unreadable + over
             log.error("cluster: %d invalidation(s) of %s dropped (%d unreadable, %d the oldest past the "
-                      "outbox's %d): the other nodes may serve what they covered until it expires",
-                      unreadable + over, path, unreadable, over, OUTBOX_MAX)
-        if entries := entries[over:]:
+                      "outbox's %d): the other nodes may serve what they covered until it expires; %s",
+                      unreadable + over, path, unreadable, over, OUTBOX_MAX, self._kept.set_aside())
+            self._kept.store_now(entries)  # (those it keeps, without the dropped ones)
+        if entries:
             self._outbox.extend(entries)
             self._told = True  # (a worker is told as it starts: Supervisor._tell_node)
             log.warning("cluster: %d invalidation(s) made here before this node stopped were not sent "

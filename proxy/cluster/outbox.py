@@ -20,6 +20,10 @@ is configured with then (another Redis after a failover: that is the point). Wri
   last ``WRITE_EVERY`` seconds, plus that write's own time, at most); a stop writes it last;
 - and removed once the queue is empty.
 
+A file that cannot be read, whole or in part, is moved aside to ``OUTBOX_FILE + BAD_SUFFIX``
+once the start has said so (and, for the part that can be read, written back): left in place it
+was said lost at every start.
+
 No age limit: an old invalidation sent late costs the other nodes one origin fetch for each object
 it covers, while one dropped leaves them serving the copy it invalidated for as long as that lives,
 which nothing bounds (``max-age``, a rule's ``ttl`` and ``stale-if-error`` may be days). The queue
@@ -42,6 +46,7 @@ from proxy.purge import PurgeSpec
 log = logging.getLogger("cachegate.cluster")
 
 OUTBOX_FILE = "cluster-outbox.json"
+BAD_SUFFIX = ".bad"  # a file that could not be read (whole or in part) is moved to OUTBOX_FILE + this
 WRITE_EVERY = 0.25  # seconds between two writes of the file at most, while the queue keeps changing
 VERSION = 1
 
@@ -130,6 +135,26 @@ class OutboxFile:
         except FileNotFoundError:
             return [], 0
         return decode(text)
+
+    def set_aside(self) -> str:
+        """Move the file as it is to ``BAD_SUFFIX`` (over an earlier one), for whoever wants to
+        see what it held: the next start does not read it again (and say so again). What the
+        log line says of it: where it went, or why it could not be moved."""
+        bad = self.path + BAD_SUFFIX
+        try:
+            os.replace(self.path, bad)
+        except OSError as exc:
+            return f"it could not be moved aside ({exc})"
+        return f"the file is kept as {bad}"
+
+    def store_now(self, entries: Sequence[Queued]) -> None:
+        """Write ``entries`` at once, in this thread (at start, before anything else writes it);
+        a failure is logged, and the next change writes it again."""
+        try:
+            self._store(list(entries))
+        except OSError as exc:
+            log.error("cluster: cannot keep the outbox in %s (%s): the invalidations it holds are "
+                      "lost if this node stops before Redis takes them", self.path, exc)
 
     def changed(self) -> None:
         """The queue changed: written at once, then at most every ``WRITE_EVERY`` seconds."""

@@ -254,3 +254,45 @@ async def test_a_node_serves_while_the_outbox_it_saved_drains_in_batches(
         go.set()
         await node.close()
 
+
+async def test_an_unreadable_outbox_file_is_counted_and_moved_aside_once_said(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A file that could not be read was said lost in one ERROR at every start, counted at none
+    (outbox_dropped 0), and left in place. Now it counts one (it held one at least; how many is
+    unknown) and is moved to ``.bad``; the next start says nothing. A file with some entries
+    unreadable keeps the others (written back at once) and is moved aside the same way."""
+    kept = tmp_path / OUTBOX_FILE
+    bad = tmp_path / (OUTBOX_FILE + ".bad")
+    good = [Queued(PurgeSpec(urls=(f"http://{HOST}/{i}",), invalidation=True), 1.0) for i in range(2)]
+    whole = outbox.encode("a", good)
+    settings = ClusterSettings(redis="redis://127.0.0.1:1/0", node="a")
+
+    async def nothing(spec: PurgeSpec) -> int:
+        return 0
+
+    def errors() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+
+    caplog.set_level("ERROR", logger="cachegate.cluster")
+    kept.write_text(whole[: len(whole) // 2])
+    node = ClusterNode(settings, nothing, str(tmp_path))
+    assert node.counts["outbox_dropped"] == 1 and not node.invalidations_pending
+    assert len(errors()) == 1 and "is unreadable" in errors()[0], errors()
+    assert f"the file is kept as {bad}" in errors()[0] and "how many it held is unknown" in errors()[0]
+    assert not kept.exists() and bad.read_text() == whole[: len(whole) // 2]
+    caplog.clear()
+    node = ClusterNode(settings, nothing, str(tmp_path))
+    assert node.counts["outbox_dropped"] == 0 and errors() == []
+
+    data = json.loads(whole)
+    data["invalidations"].insert(1, {"at": "yesterday", "spec": {"urls": [f"http://{HOST}/x"]}})
+    kept.write_text(json.dumps(data))
+    node = ClusterNode(settings, nothing, str(tmp_path))
+    assert node.counts["outbox_dropped"] == 1 and len(node._outbox) == 2
+    assert len(errors()) == 1 and "(1 unreadable" in errors()[0], errors()
+    assert json.loads(bad.read_text()) == data
+    entries, unreadable = OutboxFile(str(kept), "a", list).read()
+    assert entries == good and unreadable == 0
+    caplog.clear()
+    node = ClusterNode(settings, nothing, str(tmp_path))
+    assert node.counts["outbox_dropped"] == 0 and errors() == [] and len(node._outbox) == 2
