@@ -78,6 +78,7 @@ from proxy.cluster.redis_io import (
     subscribed,
 )
 from proxy.cluster.settings import ClusterSettings
+from proxy.cluster.shared import PurgeCut
 from proxy.cluster.stream import Flush, Resume, Saved, StreamEntry, Tip
 from proxy.logs import RepeatedFailure
 from proxy.purge import PurgeOutcome, PurgeSpec, PurgeUnavailable
@@ -852,7 +853,8 @@ class ClusterNode:
             if spec.invalidation:
                 return await self._invalidate_offline(spec)
             self.counts["unavailable"] += 1
-            kind = "refused" if _refused(exc) else "unknown" if appended else "unreachable"
+            kind = ("partly" if isinstance(exc, PurgeCut) else "refused" if _refused(exc)
+                    else "unknown" if appended else "unreachable")
             why = _describe(exc)
             if not self.connected and _timed_out(self._ended):
                 # This node gave its connections up under the purge (a Redis that answers nothing:
@@ -898,9 +900,16 @@ class ClusterNode:
     def _unavailable_message(self, why: str, kind: str) -> str:
         """A 503's words, by what went wrong (``kind``): ``unreachable`` (no answer before the
         append was sent), ``refused`` (Redis answered with an error: retrying will not help by
-        itself), ``unknown`` (the append was sent, and no answer came: Redis may have made it) or
-        ``disconnected`` (this node is not connected; ``why`` is its state's reason)."""
+        itself), ``unknown`` (the append was sent, and no answer came: Redis may have made it),
+        ``partly`` (the shared tier's purge did not finish: it may be purged in part, and no node
+        was told) or ``disconnected`` (this node is not connected; ``why`` is its state's reason)."""
         url = self.settings.redacted_url
+        if kind == "partly":
+            # (It said "nothing was purged on any node" while the shared tier had been purged.)
+            return (f"cluster: the purge may have been partly made: Redis at {url} did not finish "
+                    f"removing it from the shared tier ({why}); what it removed there stays removed, "
+                    "and no node was told (nothing was purged in any node's own cache); purge again "
+                    "(a purge is idempotent) (GET /cluster shows the state)")
         if kind == "unknown":
             return (f"cluster: the purge may or may not have been made: Redis at {url} did not answer "
                     f"its append ({why}); if Redis made it, every node applies it; retry it (a purge "

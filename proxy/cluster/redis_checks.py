@@ -151,6 +151,8 @@ def commands(names: Names, node: str, shared: bool) -> list[tuple[str, ...]]:
             ("PEXPIRE", base + "m:x", "1"),
             ("SISMEMBER", base + "u:x", "x"),
             ("SREM", base + "h:x", "x"),
+            ("SPOP", base + "u:x", "1"),
+            ("SSCAN", base + "h:x", "0"),
         ]
     return out
 

@@ -71,6 +71,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, Metric
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.cluster.fills import STORED, TOO_LARGE, Contended, Found, Locked, Lookup
 from proxy.cluster.redis_io import REDIS_DOWN, DeadSubscription, Names, client, subscribed
@@ -93,6 +95,7 @@ AFTER_FAILURE = {"lookup": "the origin is asked instead", "write": "the fill is 
                  "release": "the lock expires by itself"}
 SETTLE = 10.0  # seconds without a failure before the shared tier is logged as working again
 BACK_OFF = 1.0  # seconds lookups skip the shared tier after one got no answer from Redis
+PURGE_STEP = 2000  # index set members one call of a purge goes through at most (~12 ms of Redis)
 
 # The variants of a key still indexed (KEY in every set its field names), as pairs of body
 # id and record, and how many fields were of another layout (no list of sets between the body
@@ -236,33 +239,58 @@ if redis.call('GET', lock) == ARGV[3] then redis.call('DEL', lock) end
 redis.call('PUBLISH', ARGV[4], ARGV[2] .. '\\n' .. ARGV[5])
 return 1
 """
-# KEYS: gen, purges. ARGV: l2 prefix, all (0/1), a JSON document of keys, urls, tags,
-# prefixes ([host, prefix] pairs), the purge counter's start if it is missing, a new
-# generation (purge-all: the next one; else used if there is none).
+# KEYS: gen, purges. ARGV: l2 prefix, all (0/1), a JSON document of keys, index sets to empty
+# (u:URL, t:TAG) and prefixes ([host, prefix] pairs), the purge counter's start if it is missing,
+# a new generation (purge-all: the next one; else used if there is none), then where to go on (0
+# and '0' the first time: the keys, then the sets and prefixes in order, each step of a prefix
+# from its host set's SSCAN cursor) and how many set members this call may go through. The
+# answer: {keys deleted, the step to go on from (0: done), its cursor}. A set is emptied with SPOP
+# and a host set gone through with SSCAN, so each call does a bounded share (``PURGE_STEP``):
+# with SMEMBERS in one call, 200,000 keys under one host held Redis 1.18 s, past the caller's
+# cluster.timeout. What a call removed is out of its sets, which the lookups check, so each call
+# makes its share unreachable at once. Only the first call bumps the purge counter: a fill locked
+# after it fetched after the purge began.
 PURGE = GENERATION + """
-if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SET', KEYS[2], ARGV[4]) end
-redis.call('INCR', KEYS[2])
-if ARGV[2] == '1' then redis.call('SET', KEYS[1], ARGV[5]) return -1 end
+if ARGV[6] == '0' then
+  if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SET', KEYS[2], ARGV[4]) end
+  redis.call('INCR', KEYS[2])
+  if ARGV[2] == '1' then redis.call('SET', KEYS[1], ARGV[5]) return {-1, 0, '0'} end
+end
 local g = generation(KEYS[1], ARGV[5])
 local base = ARGV[1] .. ':' .. g .. ':'
 local doc = cjson.decode(ARGV[3])
+local step, cursor, left = tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
 local n = 0
 local function drop(k) n = n + redis.call('DEL', base .. 'm:' .. k) end
-for _, k in ipairs(doc.keys) do drop(k) end
-for _, set in ipairs(doc.sets) do
-  for _, k in ipairs(redis.call('SMEMBERS', base .. set)) do drop(k) end
-  redis.call('DEL', base .. set)
+if step == 0 then
+  for _, k in ipairs(doc.keys) do drop(k) end
+  step = 1
 end
-for _, hp in ipairs(doc.prefixes) do
-  local set = base .. 'h:' .. hp[1]
-  for _, k in ipairs(redis.call('SMEMBERS', set)) do
-    if string.sub(k, 1, #hp[2]) == hp[2] then
-      drop(k)
-      redis.call('SREM', set, k)
+local sets = #doc.sets
+while step <= sets + #doc.prefixes do
+  if left <= 0 then return {n, step, cursor} end
+  if step <= sets then
+    local set = base .. doc.sets[step]
+    local popped = redis.call('SPOP', set, math.min(left, 1000))
+    for _, k in ipairs(popped) do drop(k) end
+    left = left - #popped
+    if redis.call('EXISTS', set) == 0 then step = step + 1 end
+  else
+    local hp = doc.prefixes[step - sets]
+    local set = base .. 'h:' .. hp[1]
+    local page = redis.call('SSCAN', set, cursor, 'COUNT', math.min(left, 1000))
+    cursor = page[1]
+    for _, k in ipairs(page[2]) do
+      if string.sub(k, 1, #hp[2]) == hp[2] then
+        drop(k)
+        redis.call('SREM', set, k)
+      end
     end
+    left = left - math.max(1, #page[2])
+    if cursor == '0' then step = step + 1 end
   end
 end
-return n
+return {n, 0, '0'}
 """
 
 # KEYS: gen, purges. ARGV: a new generation, the purge counter's start if it is missing.
@@ -308,6 +336,16 @@ def fresh_generation() -> str:
     a node of an earlier release in the same cluster (a rolling upgrade) bumps it with INCR
     on purge-all, which fails on anything but an integer."""
     return str(secrets.randbits(62) + 1)
+
+
+class PurgeCut(RedisError):
+    """A purge of the shared tier was sent and did not finish: a call got no answer, or one
+    after the first failed. What its calls removed stays removed: the shared tier may be purged
+    in part, and nothing else was done (no node was told)."""
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class SharedTierFailure(Exception):
@@ -577,16 +615,48 @@ class SharedTier:
 
     async def purge(self, spec: PurgeSpec, keyed_urls: Iterable[str] = ()) -> None:
         """What a purge removes from the shared tier (its URLs also in every key shape the
-        rules give them: ``keyed_urls``). Raises when Redis cannot be reached: the purge is
-        then not made at all (``proxy.cluster.node``). A soft purge removes too: nodes keep
-        their own stale copies to revalidate."""
+        rules give them: ``keyed_urls``), ``PURGE_STEP`` set members a call at most. Raises
+        when Redis cannot be reached or refuses the first call: the purge is then not made at
+        all (``proxy.cluster.node``); ``PurgeCut`` once a call may have been made (it got no
+        answer, or one after it failed): the shared tier may then be purged in part. A soft
+        purge removes too: nodes keep their own stale copies to revalidate."""
         n = self.names
-        doc = {"keys": list(spec.keys),
-               "sets": [f"u:{u}" for u in dict.fromkeys([*spec.urls, *keyed_urls])]
-               + [f"t:{t}" for t in spec.tags],
-               "prefixes": [[origin_of(p), p] for p in spec.prefixes]}
-        await self._redis.eval(PURGE, 2, n.generation, n.purges, n.l2, "1" if spec.all else "0",
-                               json.dumps(doc), counter_start(), fresh_generation())
+        doc = json.dumps({"keys": list(spec.keys),
+                          "sets": [f"u:{u}" for u in dict.fromkeys([*spec.urls, *keyed_urls])]
+                          + [f"t:{t}" for t in spec.tags],
+                          "prefixes": [[origin_of(p), p] for p in spec.prefixes]})
+        await self._connected()  # (a failure before that: nothing was sent, nothing made)
+        step, cursor, calls = 0, "0", 0
+        while True:
+            try:
+                answer: Any = await self._redis.eval(
+                    PURGE, 2, n.generation, n.purges, n.l2, "1" if spec.all else "0", doc, counter_start(),
+                    fresh_generation(), step, cursor, PURGE_STEP)
+                step, cursor = int(answer[1]), _text(answer[2])
+            except REDIS_DOWN as exc:
+                if calls or not isinstance(exc, ResponseError):
+                    raise PurgeCut(_describe(exc) + (f" (after {calls} call(s) that each removed their "
+                                                     "share)" if calls else "")) from exc
+                raise
+            calls += 1
+            if step <= 0:
+                return
+
+    async def _connected(self) -> None:
+        """A connection of the pool set up, within ``cluster.timeout`` (no round trip when one
+        is): a purge that fails before its first call is sent is then told from one that may have
+        been made (the next call takes the connection this one let go: the pool is a stack)."""
+        pool = self._redis.connection_pool
+        limit = asyncio.timeout(self.settings.timeout)
+        try:
+            async with limit:
+                connection = await pool.get_connection()  # type: ignore[no-untyped-call, unused-ignore]
+        except TimeoutError:
+            if not limit.expired():
+                raise
+            raise RedisTimeoutError(f"Timeout: no reply within {self.settings.timeout:g}s, a new "
+                                    "connection's set-up included") from None
+        await pool.release(connection)
 
     async def new_generation(self) -> None:
         """Make everything the shared tier holds unreachable at once: a new random generation

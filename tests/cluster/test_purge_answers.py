@@ -12,10 +12,12 @@ import pytest
 from proxy.cluster.node import ClusterNode
 from proxy.cluster.redis_io import Names
 from proxy.cluster.settings import ClusterSettings
+from proxy.cluster.shared import SharedTier
 from proxy.purge import PurgeSpec, PurgeUnavailable
 from tests.cluster.nodes import wait_until
 from tests.cluster.redis_server import RedisServer
 from tests.cluster.relay import Relay
+from tests.cluster.test_shared_tier import HOT, bodies, fill
 
 URL = "redis://10.0.0.5:6379/0"
 
@@ -37,6 +39,8 @@ async def answer(value: bool) -> bool:
                  "retry it (a purge is idempotent)"], ["nothing was purged", "was not made", "not reachable"]),
     ("disconnected", ["this node is not connected to Redis (why)", "nothing was purged on any node",
                       "retry once it is connected again"], ["not reachable", "when it is back"]),
+    ("partly", ["the purge may have been partly made", f"Redis at {URL} did not finish removing it from "
+                "the shared tier (why)", "no node was told", "purge again"], ["nothing was purged on any"]),
 ])
 def test_each_cause_has_its_words(kind: str, says: list[str], never: list[str]) -> None:
     node = ClusterNode(ClusterSettings(redis=URL, node="a"), nothing, None)
@@ -51,11 +55,13 @@ def settings(redis: RedisServer, ns: str, name: str, **kw: object) -> ClusterSet
 
 class LateReplies(Relay):
     """A TCP proxy in front of Redis that, once ``hold`` is set, holds Redis's answers on a
-    connection for ``hold`` seconds after that connection sends an XADD (the append script)."""
+    connection for ``hold`` seconds after that connection sends ``trigger`` (XADD: the append
+    script)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, trigger: bytes = b"XADD") -> None:
         super().__init__(port)
         self.hold = 0.0
+        self.trigger = trigger
 
     async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
         sr, sw = await asyncio.open_connection("127.0.0.1", self.port)
@@ -67,7 +73,7 @@ class LateReplies(Relay):
                     until: list[float]) -> None:
         try:
             while data := await reader.read(65536):
-                if up and self.hold and b"XADD" in data:
+                if up and self.hold and self.trigger in data:
                     until[0] = time.monotonic() + self.hold
                 if not up:
                     await asyncio.sleep(max(0.0, until[0] - time.monotonic()))
@@ -134,3 +140,31 @@ async def test_a_node_cut_off_by_a_redis_that_refuses_writes_does_not_call_it_un
     finally:
         own_redis.command("CONFIG", "SET", "maxmemory", "0")
         await node.close()
+
+
+async def test_a_shared_tier_purge_whose_answer_comes_too_late_may_have_been_partly_made(
+        shared_redis: RedisServer) -> None:
+    """The shared tier's purge (before the append) got no answer within cluster.timeout, and
+    Redis had made it: the 503 said "nothing was purged on any node" while the shared tier had
+    been purged (a prefix purge longer than the timeout). Now it says the purge may have been
+    partly made, no node was told, and to purge again; and nothing went onto the stream."""
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    link = LateReplies(shared_redis.port, trigger=b"doc.prefixes")  # (in the purge script alone)
+    tier = SharedTier(ClusterSettings(redis=await link.start(), node="a", namespace=ns, timeout=0.5))
+    node = ClusterNode(settings(shared_redis, ns, "a", timeout=0.5), nothing, None, shared_purge=tier.purge)
+    try:
+        await node.start()
+        await fill(tier, HOT, b"hot")
+        link.hold = 1.0
+        with pytest.raises(PurgeUnavailable) as info:
+            await node.purge(PurgeSpec(urls=(HOT,)))
+        link.hold = 0.0
+        message = str(info.value)
+        assert "the purge may have been partly made" in message and "purge again" in message, message
+        assert "nothing was purged on any node" not in message and "not reachable" not in message, message
+        assert await bodies(tier, HOT) == set()  # Redis made it
+        assert shared_redis.command("XLEN", Names(ns).stream).startswith(b":0")
+    finally:
+        await node.close()
+        await tier.close()
+        await link.close()
