@@ -124,3 +124,42 @@ async def test_bodies_the_origin_reads_are_answered_and_only_they_cost_a_connect
             (1, "GET", "/c"), (1, "POST", "/empty"), (1, "GET", "/d"),
         ]
         assert origin.connections == 2
+
+
+def waiting_ports_toward(port: int) -> int:
+    """This machine's connections in TIME_WAIT whose far end is ``port`` on loopback: the
+    closing side's ports, unusable for 60 s (``/proc/net/tcp``; state 06)."""
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return sum(1 for row in rows if row[3] == "06" and int(row[2].split(":")[1], 16) == port)
+
+
+async def test_a_connection_closed_after_a_body_leaves_no_port_waiting_on_this_side(
+    make_proxy: MakeProxy
+) -> None:
+    """Closed gracefully by cachegate, each connection that carried a body left its local port in
+    TIME_WAIT for 60 s: 470 POSTs a second to one origin address used up the 28,000 ports, and
+    every request after was a 502 ("Cannot assign requested address"). The request says
+    ``Connection: close`` and the connection is closed with a reset: no port waits here, even
+    with an origin that ignores the ``close`` and keeps its end open (this one)."""
+    seen: list[tuple[str, str | None]] = []
+
+    async def serve(conn: Conn) -> None:
+        while True:
+            req = await conn.request()  # (reads the body)
+            seen.append((req.method, req.headers.get("connection")))
+            await conn.send(CREATED if req.method == "POST" else VICTIM)
+
+    async with raw_origins() as start:
+        origin = await start(serve)
+        port = int(origin.url.rsplit(":", 1)[1].rstrip("/"))
+        proxy = await make_proxy(config="upstream: {retries: 0}\n", upstreams=[origin.url])
+        assert (await proxy.request("GET", "/a")).body == b"victim"
+        before = waiting_ports_toward(port)
+        for i in range(20):
+            reply = await proxy.request("POST", f"/form{i}", data=b"x=1")
+            assert reply.body == b"created"
+        assert (await proxy.request("GET", "/b")).body == b"victim"
+        assert waiting_ports_toward(port) == before  # (0 but for another test's, on a shared machine)
+        assert seen == [("GET", None), *[("POST", "close")] * 20, ("GET", None)]
+        assert origin.connections == 21  # (the first POST on the GET's connection)
