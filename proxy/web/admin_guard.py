@@ -325,7 +325,12 @@ class GuessLimiter:
     presented the right token (``succeeded``: the operator's scraper, a purge script; the last
     ``TRUSTED`` of them) is not held to it, only to its own: else a client with a handful of
     networks could keep the bucket for all empty, and the operator out, for as long as it liked.
-    Others wait while it is empty, the operator's console from a new address too.
+    Others wait while it is empty, the operator's console from a new address too; loopback
+    never does (only its own bucket applies): a flood from many networks kept ``cachegate purge``
+    on the machine itself out for as long as it went on, and out after a restart, which forgets
+    the trusted networks. A client on loopback is on the machine already, and held to its
+    own 10 and one a second. The run of refusals of the bucket for all ends once it is full
+    again: ending it at each refill, a flood logged its line five times a second.
 
     Only networks whose bucket is not full are remembered (a full one is what a network not
     remembered gets), none dropped for newcomers while its bucket is still refilling: the last
@@ -380,12 +385,12 @@ class GuessLimiter:
                 bucket.limited = False
             else:
                 wait = (1.0 - level) / self.per_second
-        if net not in self._trusted:
+        if net not in self._trusted and net != "loopback":
             level = self._all.refill(self.total_burst, self.total_per_second, now)
-            if level >= 1.0:
-                self._all.limited = False
-            else:
+            if level < 1.0:
                 wait = max(wait, (1.0 - level) / self.total_per_second)
+            elif level >= self.total_burst:
+                self._all.limited = False  # (its run ends once it is full: one line a flood)
         return max(1, math.ceil(wait)) if wait else 0
 
     def refused(self, client: str) -> Literal["network", "all"] | None:
