@@ -65,6 +65,11 @@ _REQUEST_SPECIFIC = ("range", "if-range", "if-match", "if-none-match", "if-modif
 # of its tags would leave it out of the purges by the others (Cloudflare's Cache-Tag holds
 # ~1,000 tags at most, in its 16 KB).
 MAX_TAGS = 1024
+# ... and the most bytes (UTF-8) they may take together, for the same reason and with the same
+# answer (TOO-MANY-TAGS): an entry's tags are kept three times over, in its metadata and twice
+# in the index (the tag's rows and its key's), so a few long tags cost as much as many short
+# ones (Cloudflare's Cache-Tag and Fastly's Surrogate-Key: 16 KB per response).
+MAX_TAG_BYTES = 16 * 1024
 
 
 class StoreRules(Protocol):
@@ -171,9 +176,19 @@ def decide_fill(exchange: Exchange, rules: StoreRules, settings: FillSettings, *
                                                if k.lower() not in _FILLER_ONLY))
     stored = _as_kept(stored, rules, settings, jitter)
     tags = tuple(dict.fromkeys(tags_from_headers(headers, settings.tag_headers) + tuple(rules.tags)))
-    if len(tags) > MAX_TAGS:
+    if tags and (len(tags) > MAX_TAGS or tag_bytes(tags) > MAX_TAG_BYTES):
         return NoFill("TOO-MANY-TAGS")
     return Fill(stored, tags)
+
+
+def tag_bytes(tags: Iterable[str]) -> int:
+    """What ``tags`` take together, in UTF-8 (``MAX_TAG_BYTES``; a tag read as Latin-1 is counted
+    as the UTF-8 it is stored as).
+
+    >>> tag_bytes(("a", "café"))
+    6
+    """
+    return sum(len(t.encode("utf-8", "surrogatepass")) for t in tags)
 
 
 def freshened(stored: StoredResponse, update: Exchange, rules: StoreRules, settings: FillSettings, *,

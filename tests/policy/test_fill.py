@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from proxy.policy.fill import (
+    MAX_TAG_BYTES,
     Exchange,
     Fill,
     FillSettings,
@@ -217,6 +218,20 @@ def test_a_response_with_more_than_1024_tags_is_not_stored_rather_than_stored_wi
     assert isinstance(fill([FRESH, ("Surrogate-Key", many + " t0 t1")]), Fill)  # a tag twice counts once
     assert fill([FRESH, ("Surrogate-Key", many)], rules=Rules(tags=("one-more",))) == NoFill("TOO-MANY-TAGS")
     assert fill([FRESH, ("Surrogate-Key", many + " x")]) == NoFill("TOO-MANY-TAGS")
+
+
+def test_a_response_with_more_than_16_kb_of_tags_is_not_stored_as_one_with_too_many() -> None:
+    """Each tag is kept in the entry's metadata and twice in the index: a few long tags (one of
+    15 KB, a comma-less list an origin meant as many) cost what many short ones do."""
+    assert MAX_TAG_BYTES == 16 * 1024
+    half = "k" * (MAX_TAG_BYTES // 2 - 1)
+    assert isinstance(fill([FRESH, ("Surrogate-Key", f"{half}a {half}b")]), Fill)  # 16 KB exactly
+    decision = fill([FRESH, ("Surrogate-Key", f"{half}a {half}b")], rules=Rules(tags=("r",)))
+    assert decision == NoFill("TOO-MANY-TAGS")  # (the rule's tag counts too)
+    # Counted in UTF-8: 900 two-byte characters are 1,800 bytes.
+    wide = [f"{'é' * 900}{i}" for i in range(10)]
+    assert sum(map(len, wide)) < MAX_TAG_BYTES < 2 * sum(map(len, wide))
+    assert fill([FRESH, ("Cache-Tag", ",".join(wide))]) == NoFill("TOO-MANY-TAGS")
 
 
 # (case, filled for a request with Authorization, the revalidating request's fields, the 304's
