@@ -401,7 +401,10 @@ class Inspector:
                              # than its share) and the biggest body stored now: without them an
                              # operator saw big fills TOO-LARGE under a max_object far above them.
                              "shard_budget": disk.budget, "shard_budget_configured": disk.shard_limit,
-                             "max_body": max_body}
+                             "max_body": max_body,
+                             # New entries kept in memory only: the directory is over
+                             # cache.disk.size (the owner's ``DiskTier.weigh``, shared).
+                             "over_size": storage.memory.arena.disk_full}
             if self.disk_count_failed is not None:
                 tiers["disk"]["entries_stale"] = f"the last count: counting failed ({self.disk_count_failed})"
             if storage.index is not None and (damage := await storage.run(storage.index.look_for_damage)):

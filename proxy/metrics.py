@@ -100,9 +100,10 @@ KNOWN_LABELS: dict[str, tuple[str, ...]] = {
     "cachegate_slow_readers": ("resumed", "cut_off"),
     # ``proxy.web.headtimeout.LimitedHandler.limited``
     "cachegate_client_connections_closed": ("send_timeout", "cap_oldest", "cap_refused"),
-    # the store's own reasons (a full disk, too large, the spools' share used up); the
-    # response's reasons (PRIVATE, RULE-NO-STORE:<rule>, ...) stay open-ended
-    "cachegate_not_stored": ("STORE-FAILED", "TOO-LARGE", "SPOOLS-FULL"),
+    # the store's own reasons (a full disk, too large, the spools' share used up, the disk tier
+    # over cache.disk.size); the response's reasons (PRIVATE, RULE-NO-STORE:<rule>, ...) stay
+    # open-ended
+    "cachegate_not_stored": ("STORE-FAILED", "TOO-LARGE", "SPOOLS-FULL", "DISK-OVER-SIZE"),
     # how a flight ended: ``proxy.flight.FlightOutcome``'s labels
     "cachegate_flights": ("filled", "freshened", "passed", "broke_off", "abandoned", "unreachable",
                           "adopted", "stored_elsewhere", "dispersed", "skipped", "stopped", "aborted"),

@@ -143,18 +143,37 @@ SHARDS_CEILING = (f" (each shard keeps up to {SHARD_FILES} files open in every p
 
 SHARD_FLOOR = 256 * 1024  # the least the index's bytes lower a shard's budget to (``shard_budget_beside``)
 
+# When the shards, the URL index and their journals together pass cache.disk.size by more than
+# this share of it, new entries stay off the disk (kept in memory only) until culls bring them
+# back within the size (``DiskTier.weigh``); what write-behind commits in one part, before it
+# weighs again, is at most as much (``proxy.storage.persist.BATCH_BYTES``). Why: an origin's
+# responses whose metadata and index rows outweighed what culls took in their time (1,000 tags
+# each) grew a 100 MB directory to 3.8 GB, where nginx's max_size and Varnish's storage size
+# are hard limits.
+SIZE_SLACK = 1 / 32
 
-def shard_budget_beside(size: int, shards: int, index_bytes: int) -> int:
-    """A shard's budget with the index's bytes counted (``index_bytes``: the URL index beside
-    the shards, which diskcache does not count). Past half the RESERVE (the journals have the
-    rest) they come off the shards' budget, so long keys evict sooner instead of growing the
-    directory past ``size``; never below an eighth of the usual budget, nor below SHARD_FLOOR
-    (or the usual budget when it is smaller): an empty shard's database takes about 36 KB, and
-    an eighth of a small budget beside a large index (2 MB over 8 shards: 29 KB) is under it,
-    so every write's cull emptied the shard of the entries it had just answered stored."""
+
+def shard_budget_beside(size: int, shards: int, outside: int) -> int:
+    """A shard's budget with what diskcache does not count counted (``outside``: the URL index
+    beside the shards, and the journals of both). Past the RESERVE less SIZE_SLACK it comes off
+    the shards' budget, so long keys and many tags evict sooner instead of growing the directory
+    past ``size``, which then holds them with SIZE_SLACK to spare for a write-behind part before
+    its culls; never below SHARD_FLOOR (or the usual budget when it is smaller): an empty
+    shard's database takes about 36 KB, and a small budget beside a large index (2 MB over 8
+    shards: 29 KB) is under it, so every write's cull emptied the shard of the entries it had
+    just answered stored. (No floor above it: at an eighth of the usual budget, an index of
+    entries with many tags grew without bound beside shards that could not be culled further;
+    the index shrinks with the shards, whose culls drop its rows. The journals were left to
+    half the RESERVE: a small cache's took a tenth of it.)"""
     usual = shard_budget(size, shards)
-    over = max(0, index_bytes - int(size * RESERVE / 2))
-    return max(usual - over // shards, usual // 8, min(usual, SHARD_FLOOR), 1)
+    over = max(0, outside - index_allowance(size))
+    return max(usual - over // shards, min(usual, SHARD_FLOOR), 1)
+
+
+def index_allowance(size: int) -> int:
+    """What the URL index and the journals may take of ``size`` before they lower the shards'
+    budget (``shard_budget_beside``): the RESERVE, less SIZE_SLACK."""
+    return int(size * (RESERVE - SIZE_SLACK))
 
 
 def decoded_budget(budget: int) -> int:

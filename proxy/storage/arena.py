@@ -111,6 +111,9 @@ H_SHARD_BUDGET = 8 * 14
 # moved away, another in its place: ``proxy.storage.upkeep``): every process then keeps to the
 # shared memory (``proxy.storage.work.Tiers.disk``), and writes nothing there any more.
 H_DISK_GONE = 8 * 15
+# 1 while the owner finds the disk tier over cache.disk.size (``DiskTier.full``): bodies too big
+# for memory are not written to disk by any process meanwhile (``Writer.finalize``).
+H_DISK_FULL = 144  # (after H_SECRET's 16 bytes: the words before it are all taken)
 H_SECRET = 128  # 16 bytes
 
 _HEAD = struct.Struct("=QQIIIHBBII")
@@ -315,6 +318,16 @@ class Arena:
     def set_disk_gone(self) -> None:
         """The owner's, once (``proxy.storage.upkeep``): every process follows it."""
         self._set(H_DISK_GONE, 1)
+
+    @property
+    def disk_full(self) -> bool:
+        """Whether the owner found the disk tier over cache.disk.size (``H_DISK_FULL``): one read
+        of the shared header."""
+        return bool(_Q.unpack_from(self.mm, H_DISK_FULL)[0])
+
+    def set_disk_full(self, full: bool) -> None:
+        """The owner's, after each ``DiskTier.weigh``."""
+        self._set(H_DISK_FULL, int(full))
 
     @property
     def used(self) -> int:

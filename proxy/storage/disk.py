@@ -37,7 +37,11 @@ Facts of diskcache respected here:
   shard's budget would still be evicted as soon as it is stored, after everything else:
   ``max_body`` is half a shard's budget in force (lowered while the URL index takes more than
   its share: ``count_index``, followed by every process: ``follow_budget``), and bigger bodies
-  are not stored on disk at all;
+  are not stored on disk at all; what a write adds counts its metadata as written and its index
+  rows (``_meta_cost``), and the entries a cull takes leave the index at once (``on_evicted``);
+- the owner holds the whole directory (shards, index, journals) against ``cache.disk.size``
+  (``weigh``): past it by more than SIZE_SLACK, new entries stay off the disk until culls, aimed
+  at the whole excess (``cull_over``), bring it back within;
 - ``least-recently-used`` turns every read into a write; the memory tier keeps
   the recency of hot objects, so only memory misses reach the disk;
 - a big body is written before its metadata (outside the lock, since copying it
@@ -85,11 +89,12 @@ from proxy.room import (
     no_room,
 )
 from proxy.settings import (  # the budget split is what cache.disk.size means
+    SIZE_SLACK,
     DiskEviction,
     shard_budget,
     shard_budget_beside,
 )
-from proxy.storage.entry import Entry, body_refs, decode_variants, encode_variants
+from proxy.storage.entry import Entry, body_refs, decode_variants, encode_variants, refs_and_seq
 from proxy.storage.failures import SETTLE
 
 log = logging.getLogger("cachegate.storage")
@@ -440,8 +445,10 @@ def in_list(values: Sequence[T]) -> tuple[str, list[T]]:
 
 _BODY_ROWS = "SELECT rowid, filename FROM Cache WHERE raw = 1 AND key IN ({})"
 ROW_OVERHEAD = 100  # bytes a row costs in the database besides its key and value (columns, indexes)
-META_COST = 200  # about what an entry's metadata value takes (its head fields, one variant)
 BODY_NAME = 40  # about the length of a body's row name ("b:" and its id)
+# About what a row of the URL index takes besides its text (``index_cost``): its cell in its
+# table's b-tree and in its index's, and the pages' slack.
+INDEX_ROW = 24
 # Evicted beyond the excess (at most a 512th of the budget): volume counts database pages, which
 # deleting one small row rarely frees; a cull of exactly the excess took a round per small entry.
 CULL_SLACK = 64 * 1024
@@ -482,14 +489,17 @@ CULL_PAUSE = 0.02
 # happening but for a cache of a few hundred KB).
 LAST_STAGE = 2
 _META_ROWS = "SELECT key, value FROM Cache WHERE raw = 1 AND key >= 'm:' AND key < 'm;'"
+_JOURNAL_FILES = ("cache.db-wal", "cache.db-shm")
+FULL_TELL_EVERY = 60.0  # seconds: episodes of the disk over cache.disk.size are warned of at most this often
 
 
 def _evict(shard: diskcache.Cache, over: int, keep: frozenset[str], keep_body: str | None,
-           stage: int, spare_after: float | None = None) -> int:
+           stage: int, spare_after: float | None = None, evicted: list[tuple[str, int]] | None = None) -> int:
     """Inside the cull's transaction: delete the first rows in the policy's order that free about
     ``over`` bytes, at most CULL_BATCH rows (past it only to finish the entry it is in), in one
     statement per 500 rows; the estimate of bytes freed (0: nothing left to evict at this stage).
-    Metadata goes with the bodies it names."""
+    Metadata goes with the bodies it names. ``evicted`` gets each entry taken: its key and the
+    highest sequence number of its variants (for ``UrlTagIndex.remove_stale``)."""
     sql = shard._sql
     order = _EVICTION_ORDER.get(shard.eviction_policy)
     if order is None:
@@ -502,7 +512,7 @@ def _evict(shard: diskcache.Cache, over: int, keep: frozenset[str], keep_body: s
     if stage == 1:  # the bodies any entry names, read under the lock: not leftovers
         for name, value in sql(_META_ROWS).fetchall():
             if isinstance(name, str):
-                spared.update("b:" + body for body, _ in _bodies_of(shard, name, value))
+                spared.update("b:" + body for body, _ in _bodies_of(shard, name, value)[0])
     taken: set[str] = set()
     named: list[str] = []  # the bodies of the entries taken
     spare, window = ("", ()) if spare_after is None else \
@@ -525,7 +535,10 @@ def _evict(shard: diskcache.Cache, over: int, keep: frozenset[str], keep_body: s
                 if name.startswith("m:"):
                     if stage == 1 or (stage == 0 and name[2:] in keep):
                         continue
-                    for body_id, body_size in _bodies_of(shard, name, value):
+                    bodies, seq = _bodies_of(shard, name, value)
+                    if evicted is not None:
+                        evicted.append((name[2:], seq))
+                    for body_id, body_size in bodies:
                         body = "b:" + body_id
                         if body not in taken:  # (its row is found below, with the others')
                             taken.add(body)
@@ -569,20 +582,49 @@ def _scan(sql: Any, order: str, scans: list[tuple[str, tuple[float, ...]]]) -> G
             cursor.close()
 
 
-def _row_cost(key: str, body: bytes | None) -> int:
-    """About what committing ``key`` (and a small ``body`` the database holds) adds to a shard,
-    as ``_evict`` estimates what deleting it frees (its metadata's value: META_COST and the URL,
-    about as long as the key)."""
-    return (len(key) + 2) * 2 + ROW_OVERHEAD + META_COST + len(key) \
-        + (len(body) + BODY_NAME * 2 + ROW_OVERHEAD if body is not None else 0)
+def _journals(shard: diskcache.Cache) -> int:
+    """The bytes of a shard's journals: its write-ahead log and its shared-memory file."""
+    total = 0
+    for name in _JOURNAL_FILES:
+        with contextlib.suppress(OSError):
+            total += os.stat(os.path.join(shard.directory, name)).st_size
+    return total
 
 
-def _bodies_of(shard: diskcache.Cache, name: str, value: bytes | None) -> list[tuple[str, int]]:
+def _body_cost(body: bytes | None) -> int:
+    """About what a small ``body`` the database holds adds to a shard (as ``_evict`` estimates
+    what deleting its row frees)."""
+    return len(body) + BODY_NAME * 2 + ROW_OVERHEAD if body is not None else 0
+
+
+def _meta_cost(key: str, blob: bytes, variants: tuple[Entry, ...]) -> int:
+    """About what committing a key's metadata ``blob`` adds to the disk: its row in the shard (as
+    ``_evict`` estimates what deleting it frees: the value as written, with every variant's head
+    fields and tags) and the key's rows in the URL index beside the shards (``index_cost``),
+    which its eviction drops too (``DiskTier.on_evicted``). Why the real figures: a fixed 200
+    bytes and the URL stood for metadata that held 30 KB of tags and Cache-Tag field, so a
+    write's cull stopped after 50 ms having repaid a fiftieth of what the write added, and the
+    shards grew past their budget batch after batch (877 MB against 5.9 MB)."""
+    return len(blob) + (len(key) + 2) * 2 + ROW_OVERHEAD + index_cost(key, variants)
+
+
+def index_cost(key: str, variants: tuple[Entry, ...]) -> int:
+    """About what a key's rows take in the URL index: its entry (the key, in its table and its
+    UNIQUE index) and a row per tag of its variants (the tag and the key, in the tags' table and
+    in the key's index of it). Most entries have no tag: two lengths and a test."""
+    cost = 2 * (len(key) + INDEX_ROW)
+    if any(e.tags for e in variants):
+        row = len(key) + INDEX_ROW
+        cost += sum(2 * (len(t) + row) for t in {t for e in variants for t in e.tags})
+    return cost
+
+
+def _bodies_of(shard: diskcache.Cache, name: str, value: bytes | None) -> tuple[list[tuple[str, int]], int]:
     """The bodies (id, size) a metadata row names (``value``: its bytes when the database holds
-    them)."""
+    them), and the highest sequence number of its variants (``refs_and_seq``)."""
     if not isinstance(value, bytes):
         value = shard.get(name, default=None)
-    return body_refs(value) if isinstance(value, bytes) else []
+    return refs_and_seq(value) if isinstance(value, bytes) else ([], 0)
 
 
 def drop_all(current: tuple[Entry, ...]) -> tuple[tuple[Entry, ...], list[str]]:
@@ -1073,6 +1115,21 @@ class DiskTier:
         self.max_body = self.shard_limit // 2
         self._followed = 0  # the owner's budget this process last followed (``follow_budget``)
         self._told_budget = self.shard_limit  # the budget in force last logged (``_tell_budget``)
+        # Each shard's volume and its journals' bytes as last measured (its culls measure them:
+        # after every write, and every upkeep round), by folder: with the index's bytes, what
+        # ``weigh`` holds against cache.disk.size without a query per shard.
+        self._measured: dict[str, tuple[int, int]] = {}
+        # The owner's: the shards, the index and their journals are past cache.disk.size by
+        # more than SIZE_SLACK of it, and not back within it yet (``weigh``): new entries stay
+        # off the disk.
+        self.full = False
+        self._full_told = -FULL_TELL_EVERY  # when an episode was last warned of (monotonic)
+        self._full_untold = 0  # episodes begun since, not warned of
+        self._full_said = False  # this episode was warned of (its end is said then)
+        # Told of each entry a cull took (its key and newest sequence number), once its
+        # transaction committed: ``Storage`` drops its index rows at once (``Upkeep.evicted``;
+        # the index GC would only after GC_SEQ_LAG and a lap of the index).
+        self.on_evicted: Callable[[list[tuple[str, int]]], None] | None = None
         self.failed_writes = 0
         # A lock held long times out write after write: logged once, then once a minute with a
         # count, and once when writes have worked for SETTLE seconds (``RepeatedFailure``). Any
@@ -1378,9 +1435,10 @@ class DiskTier:
             return False  # (damaged: not read any more, so not written either)
         shard = self._shard(key)
         top = [0]
+        cost = [0]
         try:
             with _transaction(shard):
-                self._merge_locked(shard, key, _noting_seq(_with_bodies(shard, merge), top))
+                self._merge_locked(shard, key, _noting_seq(_with_bodies(shard, merge), top), cost=cost)
                 _raise_seq(shard, top)
         except diskcache.Timeout as exc:
             self.failed_writes += 1
@@ -1390,7 +1448,7 @@ class DiskTier:
             self.failed_writes += 1  # (rolled back: nothing of it was written)
             return False
         self._lock_timeouts.succeeded()
-        self._cull(shard, keep=(key,), added=_row_cost(key, None))
+        self._cull(shard, keep=(key,), added=cost[0])
         return True
 
     def commit_many(self, items: Sequence[tuple[str, Merge, str, bytes | None]],
@@ -1427,16 +1485,18 @@ class DiskTier:
             taken = set(fresh)
             rest = [i for i in positions if i not in taken]
             top = [0]
+            cost = [0]  # what the metadata written adds, there and in the index (``_meta_cost``)
             try:
                 with _transaction(shard):
                     if fresh:
                         self._insert_new(shard, [(k, _noting_seq(m, top), b, v)
-                                                 for k, m, b, v in (items[i] for i in fresh)])
+                                                 for k, m, b, v in (items[i] for i in fresh)], cost)
                     for i in rest:
                         key, merge, body_id, body = items[i]
                         if body is not None:
                             shard.set("b:" + body_id, body)
-                        self._merge_locked(shard, key, _noting_seq(merge, top), new is not None and new[i])
+                        self._merge_locked(shard, key, _noting_seq(merge, top), new is not None and new[i],
+                                           cost)
                     _raise_seq(shard, top)
             except diskcache.Timeout as exc:
                 self.failed_writes += len(positions)
@@ -1449,13 +1509,14 @@ class DiskTier:
                 continue
             self._lock_timeouts.succeeded()
             self._cull(shard, keep=[items[i][0] for i in positions],
-                       added=sum(_row_cost(items[i][0], items[i][3]) for i in positions))
+                       added=cost[0] + sum(_body_cost(items[i][3]) for i in positions))
             for i in positions:
                 done[i] = True
         return done
 
     @staticmethod
-    def _insert_new(shard: diskcache.Cache, items: Sequence[tuple[str, Merge, str, bytes | None]]) -> None:
+    def _insert_new(shard: diskcache.Cache, items: Sequence[tuple[str, Merge, str, bytes | None]],
+                    cost: list[int]) -> None:
         """``_merge_locked`` for keys the disk does not hold, with their small bodies: two
         ``executemany`` INSERTs instead of a SELECT and an INSERT per row through ``Cache.set``.
         Measured: ``commit_many`` of 10,000 new 1 KiB entries in batches of 200 over 8 shards,
@@ -1475,6 +1536,7 @@ class DiskTier:
             dropped += gone
             if variants:
                 blob = encode_variants(variants)
+                cost[0] += _meta_cost(key, blob, variants)
                 if _inline(blob):
                     metas.append(("m:" + key, True, now, now, raw, blob))
                 else:
@@ -1489,7 +1551,8 @@ class DiskTier:
             shard.delete("b:" + old)
 
     def _cull(self, shard: diskcache.Cache, keep: Iterable[str] = (), keep_body: str | None = None,
-              added: int = 0, spare_after: float | None = None, last_stage: int = LAST_STAGE) -> None:
+              added: int = 0, spare_after: float | None = None, last_stage: int = LAST_STAGE,
+              target: int | None = None) -> None:
         """Evict by the shard's policy while it is over its budget (after a write): whole
         entries (a key's metadata with every body it names, ``_evict``), never ``keep`` (the
         keys just written) nor ``keep_body`` (the body just put, its metadata not yet written)
@@ -1504,14 +1567,20 @@ class DiskTier:
         rows aiming at min(excess, budget / CULL_STEP), the volume measured again after it: a
         whole excess in one round held the lock for seconds and, its estimate below the pages
         freed, emptied a shard far over its budget. After CULL_TIME (or CULL_ROUNDS) the next
-        write goes on, but not before the cull has freed ``added`` (about what the write put in)
-        or CULL_DEBT_TIME has passed:
+        write goes on, but not before the cull has freed ``added`` (about what the write put in,
+        there and in the index: ``_meta_cost``) or CULL_DEBT_TIME has passed:
         a batch of 32 fills (1.5 MB) took three rounds, and a cull cut at 50 ms after two let the
         excess grow batch after batch (8 MB budget: 14 MB left after a flood on a slower
         machine). The owner's upkeep culls too (``cull_over``), for an excess no write
-        added."""
+        added. ``target``: a volume to bring the shard under, below its budget (its share of the
+        directory's excess over cache.disk.size: ``cull_over``). Each entry taken is told to
+        ``on_evicted`` once its round committed."""
+        def limit() -> int:
+            budget = int(shard.size_limit)
+            return budget if target is None else min(budget, target)
+
         try:
-            over = shard.volume() - shard.size_limit
+            over = self._volume(shard) - limit()
             if over <= 0:
                 return
             kept = frozenset(keep)
@@ -1522,18 +1591,21 @@ class DiskTier:
                 if n and time.monotonic() - start >= (CULL_TIME if owed <= 0 else CULL_DEBT_TIME):
                     return  # (the rest: the next writes, and the owner's upkeep)
                 began = time.monotonic()
+                evicted: list[tuple[str, int]] = []
                 with _transaction(shard):
                     # Measured again under the lock: another process's cull may have freed it
                     # meanwhile, and two culls aiming at one stale excess emptied a shard.
                     budget = shard.size_limit
-                    over = shard.volume() - budget
+                    over = self._volume(shard) - limit()
                     if over <= 0:
                         return
                     aim = min(over + min(budget // 512, CULL_SLACK), max(budget // CULL_STEP, CULL_FLOOR, 1))
-                    freed = _evict(shard, aim, kept, keep_body, stage, spare_after)
+                    freed = _evict(shard, aim, kept, keep_body, stage, spare_after, evicted)
+                if evicted:
+                    self._tell_evicted(evicted)
                 owed -= freed
                 held = time.monotonic() - began
-                over = shard.volume() - shard.size_limit
+                over = self._volume(shard) - limit()
                 if over <= 0:
                     return
                 if freed == 0:
@@ -1545,6 +1617,26 @@ class DiskTier:
         except diskcache.Timeout:
             pass  # busy: the next write culls
 
+    def _volume(self, shard: diskcache.Cache) -> int:
+        """The shard's volume (diskcache's: its database pages and value files), noted for
+        ``weigh`` with its journals' bytes (its write-ahead log and its shared-memory file: two
+        stats; a small cache's logs were a twentieth of it)."""
+        volume = int(shard.volume())
+        self._measured[shard.directory] = (volume, _journals(shard))
+        return volume
+
+    def _tell_evicted(self, evicted: list[tuple[str, int]]) -> None:
+        """``on_evicted``; a failure there (the index locked or damaged) leaves the rows to the
+        index GC, as before the hook, and never fails the cull, whose round has committed."""
+        hook = self.on_evicted
+        if hook is None:
+            return
+        try:
+            hook(evicted)
+        except (sqlite3.Error, OSError) as exc:
+            log.debug("the index rows of %d entries culled from disk are left to the index GC (%s)",
+                      len(evicted), exc)
+
     def delete_body(self, key: str, body_id: str) -> None:
         # Without retries: a shard whose lock is held would keep this thread forever (the write
         # that failed met the same lock); the body is then an orphan the sweep removes.
@@ -1552,13 +1644,19 @@ class DiskTier:
             self._shard(key).delete("b:" + body_id, retry=False)
 
     @staticmethod
-    def _merge_locked(shard: diskcache.Cache, key: str, merge: Merge, absent: bool = False) -> bool:
+    def _merge_locked(shard: diskcache.Cache, key: str, merge: Merge, absent: bool = False,
+                      cost: list[int] | None = None) -> bool:
+        """``merge`` applied to the key's metadata, under the shard's lock; whether it had any.
+        ``cost`` gets what the metadata written adds (``_meta_cost``)."""
         current = None if absent else shard.get("m:" + key, default=None)
         before = decode_variants(current) if current is not None else ()
         variants, dropped = merge(before)
         if variants != before:
             if variants:
-                shard.set("m:" + key, encode_variants(variants))
+                blob = encode_variants(variants)
+                shard.set("m:" + key, blob)
+                if cost is not None:
+                    cost[0] += _meta_cost(key, blob, variants)
             else:
                 shard.delete("m:" + key)
         for old in dropped:
@@ -1681,11 +1779,14 @@ class DiskTier:
         return sorted(found)[:limit]
 
     def count_index(self, index_bytes: int) -> int:
-        """Take the index's bytes past its share off each shard's budget (``shard_budget_beside``);
-        the shard budget now. The owner's upkeep calls this every round, then ``cull_over``;
-        the index GC then drops the culled entries' rows. Only this process's view: the owner
-        is the one that writes and culls."""
-        limit = shard_budget_beside(self.size_limit, len(self._shards), index_bytes)
+        """Take the index's bytes (``index_bytes``: its file and journals) and the shards'
+        journals (as last measured) past their share off each shard's budget
+        (``shard_budget_beside``); the shard budget now. The owner's upkeep calls this every
+        round, then ``cull_over``, and write-behind before and after each part's index rows;
+        the culls drop their entries' index rows. Only this process's view: the owner is the
+        one that writes and culls."""
+        journals = sum(j for _, j in self._measured.values())
+        limit = shard_budget_beside(self.size_limit, len(self._shards), index_bytes + journals)
         self.use_budget(limit)
         self._tell_budget(index_bytes)
         return limit
@@ -1734,9 +1835,12 @@ class DiskTier:
             if published:
                 self.use_budget(published)
 
-    def cull_over(self) -> None:
+    def cull_over(self, excess: int = 0, index_bytes: int = 0) -> None:
         """Cull each shard over its budget, CULL_TIME each (the owner's upkeep, every round),
-        sparing entries stored in the last CULL_SPARE seconds: other processes' writes cull for
+        and while the directory is over cache.disk.size (``excess``: what ``weigh`` found) each
+        shard past its budget by its share of that excess too, as long as freeing it takes (up
+        to CULL_DEBT_TIME a shard), sparing entries stored in the last CULL_SPARE seconds:
+        other processes' writes cull for
         themselves, and an upkeep cull taking the newest entries lost fills answered `stored`
         (2 workers, a shard far over budget after a restart with a smaller size). A shard whose
         filesystem is full or whose lock is held is left for the next round.
@@ -1746,18 +1850,67 @@ class DiskTier:
         long-key entries on a loaded machine: 12.9 MB on disk for good). Possible since the
         budget floor (``shard_budget_beside``): a budget is never below what an empty shard
         takes; bodies not yet named by their entry are never taken (stage 0 takes whole
-        entries only)."""
+        entries only). The entries taken for the excess drop their index rows too
+        (``on_evicted``), so the excess is shared by the shards' volumes last measured and the
+        index's (``index_bytes``): culling a slice of the shards frees about as large a slice of
+        the index, and the whole excess taken from the shards alone would be several times too
+        much beside an index several times their size. (A round that frees less is followed by
+        the next.)"""
         spare_after = time.time() - CULL_SPARE
+        measured = sum(volume for volume, _ in self._measured.values())
         for i, shard in enumerate(self._shards):
             if self.marked(i):
                 continue  # (damaged: set aside at the next start)
+            share = target = None
+            if excess > 0 and measured > 0:
+                volume = self._measured.get(shard.directory, (0, 0))[0]
+                share = -(-excess * volume // (measured + index_bytes))  # (rounded up)
+                target = volume - share
             try:
-                self._cull(shard, spare_after=spare_after, last_stage=0)
+                self._cull(shard, spare_after=spare_after, last_stage=0, added=share or 0, target=target)
             except sqlite3.Error as exc:
                 if busy(exc) or filesystem_full(self.path, exc):
                     continue  # (the next round; a full filesystem ended every round's upkeep)
                 if not self.noticed(i, exc):
                     raise
+
+    def excess(self, index_bytes: int) -> int:
+        """How far the shards with their journals (as last measured) and the URL index
+        (``index_bytes``: its file and journals) are past cache.disk.size (0 or less: within)."""
+        return sum(v + j for v, j in self._measured.values()) + index_bytes - self.size_limit
+
+    def weigh(self, index_bytes: int) -> int:
+        """The owner (every upkeep round and write-behind part): ``excess``, and ``full`` from
+        it: set once the shards, the index and their journals pass cache.disk.size by more than
+        SIZE_SLACK of it (new entries stay off the disk: write-behind keeps them in memory
+        only, and bodies too big for memory are not stored), cleared once they are back within
+        the size. Said once an episode, as a warning (at most once a minute, with the episodes
+        begun since: culls that only just keep up end one and begin another every few seconds),
+        and its end at INFO. Cheap: a sum of a few numbers."""
+        size = self.size_limit
+        excess = self.excess(index_bytes)
+        if not self.full and excess > size * SIZE_SLACK:
+            self.full = True
+            now = time.monotonic()
+            self._full_said = now - self._full_told >= FULL_TELL_EVERY
+            if not self._full_said:
+                self._full_untold += 1
+                return excess
+            since = (f"; {self._full_untold} more time(s) in the last {now - self._full_told:.0f}s"
+                     if self._full_untold else "")
+            self._full_told, self._full_untold = now, 0
+            log.warning("disk tier over cache.disk.size (%s): its shards, the URL index and their journals "
+                        "take %s (the index %s); new entries are kept in memory only, not written to disk, "
+                        "and bodies too big for memory are not stored (DISK-OVER-SIZE), until culls bring "
+                        "it back within%s", human_size(size), human_size(size + excess),
+                        human_size(index_bytes), since)
+        elif self.full and excess <= 0:
+            self.full = False
+            if self._full_said:
+                log.info("disk tier back within cache.disk.size (%s): its shards, the URL index and their "
+                         "journals take %s; new entries are written to disk again", human_size(size),
+                         human_size(size + excess))
+        return excess
 
     def volume(self) -> int:
         """Bytes on disk as diskcache counts them (database pages and value files); a damaged
@@ -1814,6 +1967,8 @@ class DiskTier:
                 pass  # busy: the next round tries again
             finally:
                 db.close()
+            if shard.directory in self._measured:  # (its journals as they are now: ``weigh``)
+                self._measured[shard.directory] = (self._measured[shard.directory][0], _journals(shard))
 
     def disk_usage(self) -> int:
         """Every byte under the cache directory (what ``du`` would say, roughly)."""

@@ -7,6 +7,7 @@ directory must not be able to execute code).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import http
 import json
@@ -210,11 +211,28 @@ def decode_variants(blob: bytes) -> tuple[Entry, ...]:
 def body_refs(blob: bytes) -> list[tuple[str, int]]:
     """The body ids and sizes a metadata record names, without decoding its entries (disk
     eviction reads thousands of records a second); a damaged record names none."""
+    return refs_and_seq(blob)[0]
+
+
+def refs_and_seq(blob: bytes) -> tuple[list[tuple[str, int]], int]:
+    """``body_refs``, and the highest commit sequence number of the record's variants (0: none
+    noted, or a damaged record): what an eviction tells the index (``UrlTagIndex.remove_stale``).
+
+    >>> e = Entry("k", "k", StoredResponse(200, "OK", (), 0, 0, Freshness(0, "none", 0, 0)), "b1", 5, seq=7)
+    >>> refs_and_seq(encode_variants((e, e.with_body("b2", 2).with_seq(3))))
+    ([('b1', 5), ('b2', 2)], 7)
+    """
     try:
-        return [(str(v[3]), int(v[4])) if isinstance(v, list) else (str(v["body_id"]), int(v["body_size"]))
-                for v in json.loads(blob.decode())]
+        records = json.loads(blob.decode())
+        refs = [(str(v[3]), int(v[4])) if isinstance(v, list) else (str(v["body_id"]), int(v["body_size"]))
+                for v in records]
     except UNREADABLE_RECORD:
-        return []
+        return [], 0
+    top = 0
+    for v in records:  # (a number it cannot read leaves the others', and the bodies, as they are)
+        with contextlib.suppress(*UNREADABLE_RECORD):
+            top = max(top, int(v[7] if isinstance(v, list) else v.get("seq", 0)))
+    return refs, top
 
 
 # -- the arena's records ----------------------------------------------------------------------

@@ -53,9 +53,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from proxy.logs import RepeatedFailure
+from proxy.settings import SIZE_SLACK
 from proxy.storage.arena import CHANGED, F_BODY, F_PERSISTED, Arena, Record
 from proxy.storage.bans import GONE, BanList
-from proxy.storage.disk import DiskTier
+from proxy.storage.disk import DiskTier, index_cost
 from proxy.storage.entry import (
     ALL_TO_WRITE,
     APART,
@@ -83,7 +84,12 @@ PERSIST_INTERVAL = 0.2
 # fast fills must not wrap over records write-behind has not reached (``Arena.lost``).
 PERSIST_POLL = 0.05
 EARLY_COMMIT_SHARE = 8
-BATCH_BYTES = 16 << 20  # bodies committed in one go at most (a batch holds them in memory)
+# A batch is committed in parts of at most BATCH_BYTES (a batch holds its bodies in memory) and
+# at most SIZE_SLACK of cache.disk.size, bodies, metadata and index rows counted together: what
+# one part adds to the disk before its culls take as much again and the next part is weighed
+# (``DiskTier.weigh``). Parts counted in bodies alone let a flood of responses with 30 KB of tags
+# and tiny bodies commit 500 of them at once (30 MB, a third of a 100 MB size).
+BATCH_BYTES = 16 << 20
 MAX_ATTEMPTS = 3  # batches that may fail (a shard's lock timed out) on a record before it is left out
 # Variants of keys with Vary whose bodies the last batches committed, remembered by the owner
 # (``Persister._recent``): a record written meanwhile may list one as not on disk yet (copied
@@ -100,6 +106,7 @@ class PersistStats:
     batches: int = 0
     entries: int = 0  # variants committed
     failed: int = 0  # variants a batch could not commit (a shard's lock timed out; tried again)
+    held_back: int = 0  # new keys' variants kept in memory only: the disk was over its size
 
 
 def merge_variant(current: tuple[Entry, ...], new: Entry) -> tuple[tuple[Entry, ...], list[str]]:
@@ -398,6 +405,7 @@ class Persister:
         and those errors with how many entries each cost."""
         items: list[_Item] = []
         batch_bytes = 0
+        part_bytes = min(BATCH_BYTES, int(self.disk.size_limit * SIZE_SLACK))
         self._lost.clear()
         done_positions: list[int] = []
         failed: list[int] = []
@@ -448,8 +456,9 @@ class Persister:
                     continue
             items.extend(found)
             done_positions.append(record.pos)
-            batch_bytes += sum(len(i.body) for i in found if i.body is not None)
-            if batch_bytes > BATCH_BYTES:
+            batch_bytes += sum(len(i.body) for i in found if i.body is not None) + len(record.meta) \
+                + index_cost(record.key, tuple(i.entry for i in found))
+            if batch_bytes > part_bytes:
                 failed += self._write_part(items, done_positions, errors)
                 items, done_positions, batch_bytes = [], [], 0
         if not self._out_of_time():
@@ -546,6 +555,38 @@ class Persister:
             self.stats.failed += len(items)
             return list(positions)
 
+    def _weigh(self) -> None:
+        """Count the index against the shards' budgets and the whole against cache.disk.size
+        (``DiskTier.count_index``, ``weigh``), as the upkeep does every round, and publish both
+        for every process: before a batch (is the disk over its size?), and once its index rows
+        are in (the culls after its commits see what they added to the index)."""
+        disk = self.disk
+        index_bytes = self.index.size() if self.index is not None and self.index.damage is None else 0
+        self.arena.set_shard_budget(disk.count_index(index_bytes))
+        disk.weigh(index_bytes)
+        self.arena.set_disk_full(disk.full)
+
+    def _hold_back(self, items: list[_Item], positions: list[int]) -> tuple[list[_Item], list[int]]:
+        """While the disk tier is over cache.disk.size (``DiskTier.full``): the records of keys
+        the disk does not hold are left out of the batch, kept in memory only (not marked
+        persisted: purges find them there; a later record of the key is written behind as any
+        other). Keys the disk holds are written: their new variants replace the ones there,
+        which must not come back once memory lets the new ones go. (Keys the directory of disk
+        keys cannot tell, not built yet or a crowded bucket, are asked of the disk.)"""
+        on_disk = self.arena.on_disk
+        known = {i.entry.key: on_disk(i.entry.key) for i in items}
+        unsure = [k for k, there in known.items() if there is None]
+        there = self.disk.present(unsure) if unsure else set()
+        held = {i.pos for i in items if known[i.entry.key] is False
+                or (known[i.entry.key] is None and i.entry.key not in there)}
+        if not held:
+            return items, positions
+        for pos in held:
+            self._lost.pop(pos, None)
+        kept = [i for i in items if i.pos not in held]
+        self.stats.held_back += len(items) - len(kept)
+        return kept, [p for p in positions if p not in held]
+
     def _write(self, items: list[_Item], positions: list[int], errors: list[tuple[int, Exception]]
                ) -> list[int]:
         """Commit ``items`` (the records at ``positions``): the index, then the shards; the
@@ -554,6 +595,11 @@ class Persister:
         if not items and not positions:
             return []
         disk = self.disk
+        self._weigh()
+        if disk.full:
+            items, positions = self._hold_back(items, positions)
+            if not items and not positions:
+                return []
         # Keys the directory says the disk does not have: nothing of theirs to read or delete
         # first (a body too big for memory, written by a worker into a key this batch also
         # writes at the same moment, could be left out of its metadata: a later miss).
@@ -565,6 +611,7 @@ class Persister:
             seen.add(i.entry.key)
         if self.index is not None and items:
             seqs = self.index.add_many([(i.entry.key, i.entry.tags) for i in items])
+            self._weigh()  # (the culls after the commits see the rows just added)
         else:
             seqs = [0] * len(items)
         kept: list[list[tuple[Entry, ...]]] = [[] for _ in items]

@@ -91,6 +91,8 @@ class Storage:
         self.persister = Persister(memory.arena, disk, index, self.tiers.bans) if disk is not None else None
         self.purges = Purging(self.tiers, self.persister, self.reads.body_files)
         self.upkeeping = Upkeep(self.tiers, self.spools)
+        if disk is not None and index is not None:
+            disk.on_evicted = self.upkeeping.evicted  # (a cull's entries leave the index at once)
         # The hit paths' first look: one call straight into the memory tier (no wrapper: each
         # level of call is ≈ 0.1 µs of a ≈ 25 µs hit).
         self.memory_get: Callable[[str], tuple[Cached, ...] | None] = memory.get

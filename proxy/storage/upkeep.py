@@ -217,6 +217,23 @@ class Upkeep:
         t.memory.arena.disk_remove(gone)
         self.stats.entries_swept += swept
 
+    def evicted(self, gone: list[tuple[str, int]]) -> None:
+        """Drop the index rows of entries a disk cull took (their keys and newest sequence
+        numbers), in any process, once the cull's round committed: only rows no newer than what
+        it took (a refill committed meanwhile stays findable), and their keys leave the
+        directory of disk keys. Why at once rather than by the GC: the GC judges a row only
+        after GC_SEQ_LAG and a lap of the index, and meanwhile the index held the rows of every
+        entry culled since (10 s of 400 fills a second with 1,000 tags each: over 100 MB of rows
+        beside a 100 MB cache.disk.size); now the index shrinks with the shards."""
+        t = self.t
+        index = t.index
+        if index is None or index.damage is not None:
+            return
+        dead = index.remove_stale(gone)
+        if dead:
+            t.memory.arena.disk_remove(dead)
+            self.stats.index_rows_dropped += len(dead)
+
     def _gc_step(self) -> None:
         """Check the next batch of index rows; drop those whose entry diskcache evicted."""
         t = self.t
@@ -248,11 +265,25 @@ class Upkeep:
             self._gc_dropped_since_vacuum = 0
 
     def _checkpoint(self) -> None:
+        """Fold the journals back, count the index against the shards' budgets and the whole
+        against cache.disk.size, and cull what is over either."""
         t = self.t
-        assert t.disk is not None and t.index is not None
-        t.disk.checkpoint()
-        if t.index.damage is None:
-            t.index.checkpoint()
-            # Published for every process: what they store follows the budget (``Writer.limit``).
-            t.memory.arena.set_shard_budget(t.disk.count_index(t.index.size()))
-        t.disk.cull_over()
+        disk, index = t.disk, t.index
+        assert disk is not None and index is not None
+        disk.checkpoint()
+        excess = index_bytes = 0
+        if index.damage is None:
+            index.checkpoint()
+            index_bytes = index.size()
+            if disk.excess(index_bytes) > 0 and index.free_bytes():
+                # Over cache.disk.size: the pages the index no longer uses (the rows of entries
+                # culled meanwhile) are given back before anything more is culled for them. Not
+                # otherwise: the next rows reuse them, and each step goes through the log.
+                index.vacuum()
+                index_bytes = index.size()
+            # Published for every process: what they store follows the budget (``Writer.limit``),
+            # and bodies too big for memory are not stored while the disk is over its size.
+            t.memory.arena.set_shard_budget(disk.count_index(index_bytes))
+            excess = disk.weigh(index_bytes)
+            t.memory.arena.set_disk_full(disk.full)
+        disk.cull_over(excess, index_bytes)

@@ -244,6 +244,13 @@ class Writer:
             spool.refused = "TOO-LARGE"
             spool.discard()
             return None
+        memory = self.t.memory
+        if self.t.disk is not None and spool.size > memory.max_object and memory.arena.disk_full:
+            # Written to disk by this process, and the disk is over cache.disk.size (the owner's
+            # ``DiskTier.weigh``): not stored, as write-behind keeps new keys in memory only.
+            spool.refused = "DISK-OVER-SIZE"
+            spool.discard()
+            return None
         crc = spool.checksum()
         if crc is not None:
             spool.body_id = with_checksum(spool.body_id, crc)

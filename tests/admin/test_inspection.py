@@ -7,6 +7,7 @@ from urllib.parse import quote
 import pytest
 
 from proxy.metrics import RequestWindow
+from proxy.settings import SHARD_FLOOR
 from tests.admin.util import absolute, inspector, js, settle
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
@@ -136,11 +137,13 @@ async def test_stats_show_the_disk_shards_budget_in_force_and_the_biggest_body_s
     shown = js(await proxy.admin("GET", "/stats?top=0"))["tiers"]["disk"]
     assert (shown["shard_budget"], shown["shard_budget_configured"], shown["max_body"]) == \
         (usual, usual, usual // 2)
-    # A 64 MB index, as the owner's upkeep counts it every second (which, counting the real one
-    # meanwhile, put the configured budget back under the test's feet).
+    assert shown["over_size"] is False
+    # A 64 GB index, as the owner's upkeep counts it every second (which, counting the real one
+    # meanwhile, put the configured budget back under the test's feet): the shards at their floor.
     assert storage.index is not None
-    storage.index.size = lambda: 64 << 20  # type: ignore[method-assign]
+    storage.index.size = lambda: 64 << 30  # type: ignore[method-assign]
     storage.memory.arena.set_shard_budget(disk.count_index(storage.index.size()))
     shown = js(await proxy.admin("GET", "/stats?top=0"))["tiers"]["disk"]
+    floor = min(usual, SHARD_FLOOR)
     assert (shown["shard_budget"], shown["shard_budget_configured"], shown["max_body"]) == \
-        (usual // 8, usual, usual // 8 // 2)
+        (floor, usual, floor // 2)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable
+
+import aiohttp
 
 from proxy.policy.messages import Freshness, StoredResponse
 from proxy.storage.disk import DiskTier
@@ -30,6 +33,23 @@ async def x_caches(proxy: Proxy, keys: Iterable[int], body: Callable[[int], byte
         assert (reply.status, reply.body) == (200, body(i))
         out.append(reply.x_cache)
     return out
+
+
+async def fetch_all(url_of: Callable[[int], str], count: int, *, pause: float = 0.0,
+                    max_field_size: int = 8190) -> None:
+    """GET ``url_of(i)`` for ``i`` in ``range(count)``, 100 at a time over 16 connections (a
+    pause after each hundred), each answered 200 and read to its end."""
+    connector = aiohttp.TCPConnector(limit=16)
+    async with aiohttp.ClientSession(connector=connector, max_field_size=max_field_size) as s:
+        async def fetch(i: int) -> None:
+            async with s.get(url_of(i)) as r:
+                assert r.status == 200
+                await r.read()
+
+        for start in range(0, count, 100):
+            await asyncio.gather(*(fetch(i) for i in range(start, min(start + 100, count))))
+            if pause:
+                await asyncio.sleep(pause)
 
 
 def entry(key: str, *, tags: tuple[str, ...] = (), vary: tuple[tuple[str, str], ...] = (),

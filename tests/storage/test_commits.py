@@ -410,9 +410,9 @@ def test_keys_new_to_the_disk_are_inserted_in_bulk_as_diskcache_would_store_them
         inserted: list[int] = []
         real = bulk._insert_new
 
-        def counting(shard: object, items: list[object]) -> None:
+        def counting(shard: object, items: list[object], cost: list[int]) -> None:
             inserted.append(len(items))
-            real(shard, items)  # type: ignore[arg-type]
+            real(shard, items, cost)  # type: ignore[arg-type]
 
         bulk._insert_new = counting  # type: ignore[assignment,method-assign]
         assert all(bulk.commit_many(_jobs(BanList(), entries), [True] * len(entries)))  # type: ignore[arg-type]

@@ -147,9 +147,9 @@ def test_a_shard_far_over_its_budget_is_culled_to_close_under_it_in_bounded_roun
     evict = disk_module._evict
 
     def counted(sh: object, over: int, keep: frozenset[str], keep_body: str | None, stage: int,
-                spare_after: float | None) -> int:
+                spare_after: float | None, evicted: list[tuple[str, int]] | None = None) -> int:
         before = len(shard)
-        freed = evict(shard, over, keep, keep_body, stage, spare_after)
+        freed = evict(shard, over, keep, keep_body, stage, spare_after, evicted)
         rounds.append(before - len(shard))
         return freed
 
@@ -368,11 +368,12 @@ def test_the_cull_of_bodies_no_entry_names_spares_named_and_young_ones(
     committed: list[str] = []
 
     def another_commits_first(sh: object, over: int, keep: frozenset[str], keep_body: str | None,
-                              stage: int, spare_after: float | None) -> int:
+                              stage: int, spare_after: float | None,
+                              evicted: list[tuple[str, int]] | None = None) -> int:
         if stage == 1 and not committed:  # an entry committed by another process between rounds
             committed.append(late)
             shard.set("m:" + late, encode_variants((entry(late).with_body("late", BODY),)))
-        return evict(shard, over, keep, keep_body, stage, spare_after)
+        return evict(shard, over, keep, keep_body, stage, spare_after, evicted)
 
     monkeypatch.setattr(disk_module, "_evict", another_commits_first)
     young = new_body_id()  # another worker's body, its metadata not committed yet

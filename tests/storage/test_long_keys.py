@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.settings import SHARD_FLOOR, shard_budget, shard_budget_beside
+from proxy.settings import SHARD_FLOOR, index_allowance, shard_budget, shard_budget_beside
 from proxy.storage import upkeep
 from proxy.storage.arena import Arena
 from proxy.storage.disk import DiskTier
@@ -26,7 +26,7 @@ from proxy.storage.memory import MemoryTier
 from proxy.storage.tiered import Storage
 from tests.conftest import MakeProxy
 from tests.harness import Origin
-from tests.storage.helpers import entry, open_store, read_body, store
+from tests.storage.helpers import entry, fetch_all, open_store, read_body, store
 from tests.storage.procs import breakdown, disk_usage
 
 MB = 1 << 20
@@ -34,14 +34,15 @@ DISK = 4 * MB
 PAD = "q" * 8000
 
 
-@pytest.mark.parametrize(("index_bytes", "budget"), [
-    (0, shard_budget(DISK, 2)),  # an index within its share takes nothing
-    (DISK // 20, shard_budget(DISK, 2)),  # (half the 10 % reserve: the journals have the rest)
-    (DISK // 20 + 2 * MB, shard_budget(DISK, 2) - MB),  # past it: off the shards, evenly
-    (10 * DISK, max(shard_budget(DISK, 2) // 8, SHARD_FLOOR)),  # never below an eighth, nor the floor
+@pytest.mark.parametrize(("outside", "budget"), [
+    (0, shard_budget(DISK, 2)),  # an index (and journals) within their share take nothing
+    (index_allowance(DISK), shard_budget(DISK, 2)),  # (the 10 % reserve less the slack of 1/32)
+    (index_allowance(DISK) + 2 * MB, shard_budget(DISK, 2) - MB),  # past it: off the shards, evenly
+    (10 * DISK, SHARD_FLOOR),  # never below the floor (and no eighth of the budget above it)
 ])
-def test_the_index_past_its_share_comes_off_the_shards_budget(index_bytes: int, budget: int) -> None:
-    assert shard_budget_beside(DISK, 2, index_bytes) == budget
+def test_the_index_past_its_share_comes_off_the_shards_budget(outside: int, budget: int) -> None:
+    assert index_allowance(DISK) == int(DISK * (0.10 - 1 / 32))
+    assert shard_budget_beside(DISK, 2, outside) == budget
 
 
 def test_a_small_shards_budget_stays_above_what_an_empty_shard_takes() -> None:
@@ -67,16 +68,8 @@ async def test_long_url_entries_keep_the_directory_within_its_budget(
     origin.route("/k", tiny)
     proxy = await make_proxy(config=f"cache: {{memory: 16MB, disk: {{path: cache, size: {DISK}, shards: 2}}}}\n")
     cache = str(tmp_path / "cache")
-    connector = aiohttp.TCPConnector(limit=16)
-    async with aiohttp.ClientSession(connector=connector) as s:
-        async def fetch(i: int) -> None:
-            async with s.get(f"{proxy.url}/k?i={i:06d}&p={PAD}") as r:
-                assert r.status == 200
-                await r.read()
-
-        for start in range(0, 900, 100):
-            await asyncio.gather(*(fetch(i) for i in range(start, start + 100)))
-            await asyncio.sleep(0.3)  # write-behind and the upkeep keep up, as between bursts
+    # (a pause after each hundred: write-behind and the upkeep keep up, as between bursts)
+    await fetch_all(lambda i: f"{proxy.url}/k?i={i:06d}&p={PAD}", 900, pause=0.3)
     usage = 0
     for _ in range(60):  # the index GC drops the evicted entries' rows, then gives the pages back
         await asyncio.sleep(0.25)
@@ -142,14 +135,18 @@ async def test_what_is_stored_follows_the_shards_budget_in_every_process(
     worker = Storage(MemoryTier(8 * MB, 16 * 1024, arena=arena, owns_arena=True), DiskTier(path, DISK, 2),
                      UrlTagIndex(path), max_object=16 * MB)
     usual = shard_budget(DISK, 2)
-    lowered = shard_budget_beside(DISK, 2, 10 * DISK)
+    # An index that holds the shards at their floor, the directory within its size all the same
+    # (past it, bodies too big for memory are not stored at all: test_disk_size_bound.py).
+    at_floor = index_allowance(DISK) + 2 * (usual - SHARD_FLOOR)
+    lowered = shard_budget_beside(DISK, 2, at_floor)
+    assert lowered == SHARD_FLOOR
     between = (lowered // 2 + usual // 2) // 2  # stored under the usual budget, not the lowered one
     index_bytes = {"now": 0}
     assert owner.index is not None
     monkeypatch.setattr(owner.index, "size", lambda: index_bytes["now"])
     try:
         assert owner.max_object == worker.max_object == usual // 2
-        index_bytes["now"] = 10 * DISK
+        index_bytes["now"] = at_floor
         await owner.maintain()
         assert owner.max_object == worker.max_object == lowered // 2 < between
         assert worker.room(entry("http://h.test/a")) == lowered // 2
