@@ -342,6 +342,7 @@ class GuessLimiter:
     wrong token is not remembered, rather than a locked-out network's."""
 
     MAX_CLIENTS = 4096  # networks remembered, each with wrong tokens not yet refilled
+    LOOPBACK = "loopback"  # every loopback address's network (``key``): never held to the bucket for all
     TRUSTED = 256  # networks that presented the right token, remembered (the last ones)
 
     def __init__(self, burst: int = 10, per_second: float = 1.0, total_burst: int = 100,
@@ -365,7 +366,7 @@ class GuessLimiter:
         except ValueError:
             return address
         if ip.is_loopback:
-            return "loopback"
+            return GuessLimiter.LOOPBACK
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
         prefix = 24 if ip.version == 4 else 64
@@ -385,7 +386,7 @@ class GuessLimiter:
                 bucket.limited = False
             else:
                 wait = (1.0 - level) / self.per_second
-        if net not in self._trusted and net != "loopback":
+        if net not in self._trusted and net != self.LOOPBACK:
             level = self._all.refill(self.total_burst, self.total_per_second, now)
             if level < 1.0:
                 wait = max(wait, (1.0 - level) / self.total_per_second)
