@@ -25,7 +25,10 @@ pytestmark = pytest.mark.slow
 ONE_SHARD = 640 * 1024  # one shard of 576 KB: bodies of up to 288 KB stored, 128 KiB at its floor
 USUAL = shard_budget(ONE_SHARD, 1)
 FLOOR = shard_budget_beside(ONE_SHARD, 1, 10 * ONE_SHARD)
-BIG = 270_000  # let in by the configured budget, more than the lowered one holds
+# Let in by the configured budget (294,912), more than the lowered one holds (131,072), with room
+# on both sides: a loaded machine's start held the budget in force at 268,288 a while (journals),
+# and culls brought it back to 202,752 from the floor within a test.
+BIG = 240_000
 PAD = "q" * 8000
 TOO_LARGE = re.compile(r'^cachegate_not_stored_total\{reason="TOO-LARGE"\} ([0-9.]+)$', re.M)
 
@@ -167,7 +170,7 @@ async def test_a_fill_the_budget_drops_under_while_it_streams_is_not_stored_and_
     origin.route("/slow", slow)
     proxy = await started(origin, tmp_path)
     try:
-        for _ in range(100):  # the journals of a loaded machine's start can hold the budget under BIG a while
+        for _ in range(300):  # the journals of a loaded machine's start can hold the budget under BIG a while
             disk = json.loads((await proxy.admin("GET", "/stats?top=0")).body)["tiers"]["disk"]
             if disk["max_body"] >= BIG:
                 break
