@@ -8,6 +8,7 @@ started is still running.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "scripts" / "benchlib"
 sys.path.insert(0, str(BENCH))
 
-from bench_apps import keyed_body, route  # noqa: E402
+from bench_apps import etag_of, keyed_body, origin_response, route  # noqa: E402
 from bench_procs import render  # noqa: E402
 from bench_report import (  # noqa: E402
     TARGETS,
@@ -54,6 +55,80 @@ def test_zipf_bodies_are_the_keys_own() -> None:
     assert one == keyed_body("/zipf/3000/1", 3000)  # the same bytes every time
     assert one.startswith(b"/zipf/3000/1\n")
     assert len(keyed_body("/zipf/4/1", 4)) == 4
+
+
+def test_the_origin_gives_cacheable_objects_validators_and_nothing_else() -> None:
+    def head(kind: str, size: int) -> str:
+        return origin_response(kind, size, head_only=True)[0].decode()
+
+    one_k = head("obj", 1024)
+    assert one_k.startswith("HTTP/1.1 200 OK\r\n") and "Content-Length: 1024\r\n" in one_k
+    assert f"ETag: {etag_of(1024)}\r\n" in one_k and "Last-Modified: " in one_k
+    assert etag_of(1024).startswith('"') and etag_of(1024) != etag_of(100 * 1024)  # strong, per body
+    for kind in ("pass", "zipf"):
+        assert "ETag" not in head(kind, 1024) and "Last-Modified" not in head(kind, 1024)
+
+
+def test_cond_1k_sends_the_objects_etag_and_accepts_only_a_304_from_the_cache() -> None:
+    from bench import check_answer, describe, workloads, wrk_argv
+    from bench_procs import System
+
+    loads = {w.name: w for w in workloads(100)}
+    cond, hit = loads["cond-1k"], loads["hit-1k"]
+    assert (cond.path, cond.expect, cond.keys) == (hit.path, "not-modified", 0)  # hit-1k's object
+    assert set(cond.systems) == {"cachegate", "nginx-2w", "varnish"}
+    opts = argparse.Namespace(duration=1.0, threads=1, connections=8)
+    system = System(name="cachegate", kind="cachegate", workers=2, port=8080)
+    argv = wrk_argv(system, cond, opts)  # type: ignore[arg-type]
+    assert argv[argv.index("-H") + 1] == f"If-None-Match: {etag_of(1024)}"
+    assert argv[-1] == "http://127.0.0.1:8080/obj/1k"
+    assert "-H" not in wrk_argv(system, hit, opts)  # type: ignore[arg-type]
+
+    def check(kind: str, status: int, length: int, cache: str = "HIT", expect: str = "not-modified",
+              ids: str = "5 3") -> str | None:
+        headers = {"x-cache-status": cache, "x-varnish": ids}
+        return check_answer(System(name=kind, kind=kind, workers=1, port=1), expect, "/obj/1k", status,
+                            headers, length)
+
+    for kind in ("cachegate", "nginx", "varnish"):
+        assert check(kind, 304, 0) is None
+        assert "the condition ignored" in (check(kind, 200, 1024) or "")
+        assert "304 with 1024 body bytes" in (check(kind, 304, 1024) or "")
+        assert "not a hit" in (check(kind, 304, 0, cache="MISS") or "")  # asked the origin
+        assert check(kind, 200, 1024, expect="hit") is None
+        assert "status 304" in (check(kind, 304, 0, expect="hit") or "")  # only cond-1k takes a 304
+    assert "X-Varnish" in (check("varnish", 304, 0, ids="7") or "")  # a fetch, then the 304
+    assert describe("cachegate", {"x-cache-status": "HIT"}, 304) == "304 HIT"
+    assert describe("nginx", {"x-cache-status": "HIT"}) == "HIT"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_cond_1k_check_passes_cachegate_and_fails_what_ignores_the_condition() -> None:
+    """Real processes: cachegate answers the primed object's conditional with a 304 hit, and
+    still answers hit-1k with 200 hits now that the object carries validators; the origin,
+    which ignores conditions, fails the cond-1k check."""
+    import asyncio
+
+    from bench import _check, prime, workloads
+    from bench_procs import Fleet
+
+    loads = {w.name: w for w in workloads(100)}
+    fleet = Fleet()
+    try:
+        origin = fleet.start_app("origin-raw", "origin", 1)
+        cachegate = fleet.start_cachegate("cachegate", origin, 1)
+        asyncio.run(prime(cachegate, loads["cond-1k"]))
+        report = asyncio.run(_check(cachegate, loads["cond-1k"]))
+        assert report["problems"] == [] and report["says"] == "304 HIT"
+        report = asyncio.run(_check(cachegate, loads["hit-1k"]))
+        assert report["problems"] == [] and report["says"] == "HIT"
+        report = asyncio.run(_check(origin, loads["cond-1k"]))
+        problems = report["problems"]
+        assert isinstance(problems, list) and len(problems) == 8
+        assert "status 200 (the condition ignored), expected 304" in problems[0]
+    finally:
+        fleet.stop()
 
 
 def test_hit_ratio_is_compared_over_the_same_requests() -> None:
@@ -100,10 +175,22 @@ def test_targets_are_ratios_of_medians_with_pass_and_fail() -> None:
     p99 = verdicts["p99 of 1 KiB hits / aiohttp ceiling's p99"]
     assert (p99.value, p99.result) == (2.0, "PASS")  # median p99 4.0 ms vs 2.0 ms, bound <= 2
     assert verdicts["100 KiB hit / Varnish"].result == "n/a"  # not measured: no verdict
+    assert verdicts["conditional 1 KiB hit (304) / Varnish"].result == "n/a"
     assert verdicts["fill: CPU µs per fill"].result == "n/a"
     assert len(verdicts) == len(TARGETS)
     assert rss_verdict(300 << 20, 256 << 20, 100_000).result == "PASS"
     assert rss_verdict(400 << 20, 256 << 20, 100_000).result == "FAIL"
+
+
+def test_the_conditional_hit_is_judged_against_varnish_304s() -> None:
+    runs = [Run("cond-1k", "cachegate", r, rps, 1.0, 2.0, 1) for r, rps in ((0, 800), (1, 900), (2, 700))]
+    runs += [Run("cond-1k", "varnish", r, 1000, 1.0, 2.0, 1) for r in range(3)]
+    runs += [Run("hit-1k", "varnish", r, 5000, 1.0, 2.0, 1) for r in range(3)]  # not its denominator
+    verdicts = {v.label: v for v in judge(summarise(runs), workers=2)}
+    cond = verdicts["conditional 1 KiB hit (304) / Varnish"]
+    assert (cond.value, cond.op, cond.bound, cond.result) == (0.8, ">=", 0.75, "PASS")
+    assert cond.detail == "800 / 1,000 req/s"
+    assert verdicts["1 KiB hit / Varnish"].result == "n/a"  # no cachegate hit-1k run
 
 
 def test_config_templates_fill_every_placeholder(tmp_path: Path) -> None:
@@ -119,7 +206,7 @@ def test_config_templates_fill_every_placeholder(tmp_path: Path) -> None:
 @pytest.mark.timeout(180)
 def test_one_tiny_round_runs_clean_and_leaves_nothing_running(tmp_path: Path) -> None:
     has_wrk = shutil.which("wrk") is not None
-    argv = [sys.executable, str(BENCH / "bench.py"), "--only", "hit-1k,pass-1k,zipf", "--rounds", "1",
+    argv = [sys.executable, str(BENCH / "bench.py"), "--only", "hit-1k,cond-1k,pass-1k,zipf", "--rounds", "1",
             "--duration", "1", "--skip", "nginx-1w,ceiling-2p,passthrough-2p", "--out", str(tmp_path),
             "--workers", "1",  # 1 worker: its admin /metrics show which tier every body came from
             "--zipf-keys", "300", "--zipf-duration", "1"]
@@ -139,15 +226,19 @@ def test_one_tiny_round_runs_clean_and_leaves_nothing_running(tmp_path: Path) ->
     assert checks["pass-1k/cachegate"]["says"] != "HIT"
     assert checks["hit-1k/cachegate-log"]["says"] == "HIT"
     assert checks["hit-1k/cachegate-log"]["access_log_lines"] > 0  # the log variant logs
+    assert checks["cond-1k/cachegate"]["says"] == "304 HIT"
+    assert checks["cond-1k/cachegate"]["tier_bytes"]["upstream"] == 0
     if shutil.which("varnishd"):
         assert checks["hit-1k/varnish"]["says"].startswith("HIT")
+        assert checks["cond-1k/varnish"]["says"].startswith("304 HIT")
     if shutil.which("nginx"):
         assert checks["hit-1k/nginx-2w"]["says"] == "HIT"
+        assert checks["cond-1k/nginx-2w"]["says"] == "304 HIT"
 
     if has_wrk:
         measured = {(r["workload"], r["system"]) for r in results["runs"]}
         assert {("hit-1k", "cachegate"), ("hit-1k", "cachegate-log"), ("hit-1k", "ceiling-1p"),
-                ("pass-1k", "cachegate"), ("pass-1k", "passthrough-1p")} <= measured
+                ("cond-1k", "cachegate"), ("pass-1k", "cachegate"), ("pass-1k", "passthrough-1p")} <= measured
         for r in results["runs"]:
             assert r["requests"] > 0 and not any(r["errors"].values()), r
         assert "| target" in out.stdout and "1 KiB memory hit / aiohttp ceiling" in out.stdout

@@ -43,7 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_apps import keyed_body, read_records, route
+from bench_apps import etag_of, keyed_body, read_records, route
 from bench_procs import CACHEGATE_MEMORY, HERE, ROOT, Fleet, System, cpu_seconds, pss_bytes, rss_bytes
 from bench_report import (
     Run,
@@ -67,13 +67,17 @@ ZIPF_SEED = 1127  # the cold phase's sequence; the warm phase's is the next seed
 class Workload:
     name: str
     path: str  # a URL path, or the prefix of ``keys`` distinct paths
-    expect: str  # "hit": every answer from the cache; "pass": every answer from the origin
+    # "hit": every answer from the cache; "pass": every answer from the origin;
+    # "not-modified": every answer a 304 from the cache (a client's conditional on a fresh entry)
+    expect: str
     systems: list[str]
     keys: int = 0
     about: str = ""
     # Fresh workloads (zipf, fill) start every system empty in every round and run these wrk
     # phases one after the other on it (zipf.lua), instead of priming a shared one.
     phases: tuple[str, ...] = ()
+    # Request fields wrk and the check send on every request (priming asks without them).
+    headers: tuple[tuple[str, str], ...] = ()
 
     @property
     def fresh(self) -> bool:
@@ -102,6 +106,10 @@ def _workloads(keys: int, zipf_keys: int) -> list[Workload]:
                  ["cachegate", "cachegate-log", "ceiling-1p", "ceiling-2p", "origin-raw", "nginx-1w",
                   "nginx-2w", "varnish"],
                  about="one 1 KiB object, memory-tier hit (cachegate-log: with the JSON access log on)"),
+        Workload("cond-1k", "/obj/1k", "not-modified", ["cachegate", "nginx-2w", "varnish"],
+                 headers=(("If-None-Match", etag_of(1024)),),
+                 about="one 1 KiB object, primed, every request If-None-Match its ETag: a 304 from the "
+                       "cache, no body, the origin not asked (a browser's or a CDN's revalidation)"),
         Workload("hit-100k", "/obj/100k", "hit", ["cachegate", "ceiling-{w}p", "nginx-2w", "varnish"],
                  about="one 100 KiB object, memory-tier hit"),
         Workload("hit-1m", "/obj/1m", "hit", ["cachegate", "ceiling-{w}p", "nginx-2w", "varnish"],
@@ -180,15 +188,17 @@ class CheckFailed(RuntimeError):
     pass
 
 
-def describe(kind: str, headers: dict[str, str]) -> str:
-    """What the cache says it did, from the headers each system uses."""
+def describe(kind: str, headers: dict[str, str], status: int = 200) -> str:
+    """What the cache says it did, from the headers each system uses (a status other than
+    200 in front: ``304 HIT``)."""
+    code = "" if status == 200 else f"{status} "
     if kind in ("cachegate", "nginx", "varnish"):
-        status = headers.get("x-cache-status", "?")
+        said = headers.get("x-cache-status", "?")
         if kind == "varnish":
             ids = headers.get("x-varnish", "").split()
-            status += f" (X-Varnish ids: {len(ids)}, Age: {headers.get('age', '?')})"
-        return status
-    return "origin-less" if kind == "ceiling" else "forwarded"
+            said += f" (X-Varnish ids: {len(ids)}, Age: {headers.get('age', '?')})"
+        return code + said
+    return code + ("origin-less" if kind == "ceiling" else "forwarded")
 
 
 def check_answer(system: System, expect: str, path: str, status: int, headers: dict[str, str],
@@ -196,13 +206,19 @@ def check_answer(system: System, expect: str, path: str, status: int, headers: d
     """None when the answer is what the workload claims; else why not."""
     found = route(path)
     assert found is not None
-    if status != 200:
+    if expect == "not-modified":  # the client's If-None-Match matched: 304, no body
+        if status != 304:
+            why = " (the condition ignored)" if status == 200 else ""
+            return f"{system.name} {path}: status {status}{why}, expected 304"
+        if length:
+            return f"{system.name} {path}: a 304 with {length} body bytes"
+    elif status != 200:
         return f"{system.name} {path}: status {status}"
-    if length != found[1]:
+    elif length != found[1]:
         return f"{system.name} {path}: {length} body bytes, expected {found[1]}"
     kind = system.kind
     cache_status = headers.get("x-cache-status", "")
-    if expect == "hit" and kind in ("cachegate", "nginx", "varnish"):
+    if expect in ("hit", "not-modified") and kind in ("cachegate", "nginx", "varnish"):
         if cache_status != "HIT":
             return f"{system.name} {path}: not a hit (X-Cache-Status: {cache_status or 'absent'})"
         if kind == "varnish" and len(headers.get("x-varnish", "").split()) != 2:
@@ -219,8 +235,8 @@ async def _session_get(concurrency: int, fresh_connections: bool = False) -> tup
     session = aiohttp.ClientSession(connector=connector,
                                     timeout=aiohttp.ClientTimeout(total=60), auto_decompress=False)
 
-    async def get(url: str) -> tuple[int, dict[str, str], int]:
-        async with session.get(url) as resp:
+    async def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], int]:
+        async with session.get(url, headers=headers) as resp:
             body = await resp.read()
             return resp.status, {k.lower(): v for k, v in resp.headers.items()}, len(body)
 
@@ -256,18 +272,20 @@ async def _check(system: System, workload: Workload, samples: int = 200) -> dict
     session, get = await _session_get(1, fresh_connections=True)
     problems: list[str] = []
     last: dict[str, str] = {}
+    last_status = 200
     paths = workload.sample_paths(samples)
+    sent = dict(workload.headers)
     try:
         for path in paths:
             for _ in range(2 if workload.keys else 8):
-                status, headers, length = await get(system.url(path))  # type: ignore[operator]
+                status, headers, length = await get(system.url(path), sent)  # type: ignore[operator]
                 problem = check_answer(system, workload.expect, path, status, headers, length)
                 if problem:
                     problems.append(problem)
-                last = headers
+                last, last_status = headers, status
     finally:
         await session.close()  # type: ignore[attr-defined]
-    return {"checked": len(paths), "problems": problems, "says": describe(system.kind, last)}
+    return {"checked": len(paths), "problems": problems, "says": describe(system.kind, last, last_status)}
 
 
 SETTLE_FILLS = 0.5  # seconds between a system's priming and its check: background fills land
@@ -286,7 +304,8 @@ def check_primed(system: System, workload: Workload, primed: float) -> dict[str,
     """Check a primed system's answers (``prime_all``).
 
     For cachegate, its admin metrics must also show the checked bodies coming from the tier
-    the workload is about (memory, or disk for the disk workload).
+    the workload is about (memory, or disk for the disk workload); a 304 has no body, so for
+    ``not-modified`` only that none came from upstream.
     """
     before = tier_bytes(system)
     report = asyncio.run(_check(system, workload))
@@ -303,7 +322,7 @@ def check_primed(system: System, workload: Workload, primed: float) -> dict[str,
         if workload.expect == "hit" and delta.get(tier, 0) <= 0:
             report["problems"].append(  # type: ignore[attr-defined]
                 f"{system.name} {workload.path}: no body bytes came from the {tier} tier ({delta})")
-        if workload.expect == "hit" and delta.get("upstream", 0) > 0:
+        if workload.expect in ("hit", "not-modified") and delta.get("upstream", 0) > 0:
             report["problems"].append(  # type: ignore[attr-defined]
                 f"{system.name} {workload.path}: {delta['upstream']:.0f} body bytes came from upstream")
     return report
@@ -366,6 +385,8 @@ def wrk_argv(system: System, workload: Workload, opts: Options, duration: float 
     d = duration if duration is not None else opts.duration
     argv = ["wrk", f"-t{opts.threads}", f"-c{opts.connections}", f"-d{d:g}s", "--timeout", "5s",
             "-s", str(REPORT_LUA), system.url(workload.path if not workload.keys else "/")]
+    for name, value in workload.headers:
+        argv[1:1] = ["-H", f"{name}: {value}"]
     if workload.keys:
         argv += ["--", workload.path, str(workload.keys)]
     return argv
@@ -1024,8 +1045,8 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--keys", type=int, help="distinct keys for keys-1k (default 100000)")
     p.add_argument("--workers", type=int, default=2, help="cachegate worker processes (default 2)")
-    p.add_argument("--only", default="", help="comma-separated workloads (hit-1k,hit-100k,hit-1m,"
-                                               "disk-100k,pass-1k,keys-1k,zipf,fill)")
+    p.add_argument("--only", default="", help="comma-separated workloads (hit-1k,cond-1k,hit-100k,"
+                                               "hit-1m,disk-100k,pass-1k,keys-1k,zipf,fill)")
     p.add_argument("--zipf-keys", type=int, help="distinct keys of zipf (default 100000)")
     p.add_argument("--zipf-duration", type=float,
                    help="seconds of each zipf phase and of fill (default 20)")

@@ -6,7 +6,9 @@ Each prints ``ready`` once it is accepting.
 
 URL space (the same on every server):
 
-- ``/obj/<size>[/<anything>]``  cacheable: ``Cache-Control: public, max-age=86400``
+- ``/obj/<size>[/<anything>]``  cacheable: ``Cache-Control: public, max-age=86400``, with a
+  strong ``ETag`` (``etag_of(size)``: every path of a size has the same bytes) and a fixed
+  ``Last-Modified``, so that a cache can answer a client's ``If-None-Match`` with 304
 - ``/pass/<size>[/<anything>]`` uncacheable: ``Cache-Control: private`` (what a cache forwards)
 - ``/zipf/<size>/<anything>``   cacheable: ``Cache-Control: public, max-age=3600``, and a body
   of its own per path (``keyed_body``), so a check of the bytes tells keys apart
@@ -64,6 +66,18 @@ def body_of(size: int) -> bytes:
 
 
 CACHE_CONTROL = {"obj": "public, max-age=86400", "pass": "private", "zipf": "public, max-age=3600"}
+LAST_MODIFIED = "Wed, 01 Jan 2025 00:00:00 GMT"  # the bodies never change
+
+
+def etag_of(size: int) -> str:
+    """The strong ETag of ``/obj/<size>``'s body (``body_of(size)``, the same for every suffix)."""
+    return f'"obj-{size}"'
+
+
+def validators(kind: str, size: int) -> str:
+    """The validator fields of an origin response: ``obj`` has both, the others none (the
+    origin never answers a conditional itself: only a cache's 304 is one)."""
+    return f"ETag: {etag_of(size)}\r\nLast-Modified: {LAST_MODIFIED}\r\n" if kind == "obj" else ""
 
 # Bytes that keyed bodies are cut from: pseudo-random (fixed seed), 1 MiB to start from + 256 KiB.
 _NOISE = random.Random(20261127).randbytes((1 << 20) + (256 << 10) + 4096)
@@ -117,6 +131,7 @@ def origin_response(kind: str, size: int, head_only: bool, path: str = "") -> li
             "Content-Type: application/octet-stream\r\n"
             f"Content-Length: {size}\r\n"
             f"Cache-Control: {CACHE_CONTROL[kind]}\r\n"
+            f"{validators(kind, size)}"
             "\r\n"
         ).encode()
         _HEADS[key] = head
