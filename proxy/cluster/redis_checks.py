@@ -193,8 +193,11 @@ class RedisCheck:
                        f"not checked: Redis answered the check with an error ({exc})")
             return None
         if denied and denied[0] == "unsupported":
-            self._once("acl", logging.DEBUG, "cluster: the ACL permissions of cluster.redis's user are "
-                       "not checked: this Redis has no redis.acl_check_cmd (Redis 7 and later have)")
+            # Said where it matters: a named ACL user on Redis 6 may lack a command, found by use.
+            self._once("acl", logging.INFO if user != "default" else logging.DEBUG,
+                       f"cluster: the ACL permissions of cluster.redis's user {user!r} are not checked: "
+                       "this Redis has no redis.acl_check_cmd (Redis 7 and later have); a command it "
+                       "denies is reported when it is first used")
             return None
         return self._deny(user, [shown(self.commands[int(i) - 1]) for i in denied]) if denied else None
 

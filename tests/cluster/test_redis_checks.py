@@ -256,3 +256,32 @@ async def test_a_redis_without_info_is_used_unchecked_and_one_without_eval_is_re
     finally:
         for server in servers:
             server.stop()
+
+
+class _Redis6:
+    """Redis 6's answer to the permission script (its Lua has no ``redis.acl_check_cmd``): a
+    Redis 6 server is not installable here, so only its one reply is stood in for."""
+
+    def __init__(self, user: str | None) -> None:
+        self.connection_pool = type("Pool", (), {"connection_kwargs": {"username": user}})()
+
+    async def eval(self, *args: object) -> list[str]:
+        return ["unsupported"]
+
+
+@pytest.mark.parametrize(("user", "level"), [("cache", "INFO"), (None, "DEBUG")])
+async def test_an_acl_user_on_a_redis_that_cannot_check_it_is_said_once_at_info(
+        user: str | None, level: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A named ACL user on Redis 6 went unchecked with only a debug line: a command it denies was
+    found by use, with nothing at start to say it had not been checked. The default user (no
+    ACL in use) stays quiet."""
+    from proxy.cluster.redis_checks import RedisCheck
+    from proxy.cluster.redis_io import Names
+
+    check = RedisCheck(Names("ns"), "a", False, "redis://h:6379/0")
+    with caplog.at_level("DEBUG", logger="cachegate.cluster"):
+        for _ in range(2):
+            assert await check._denied(_Redis6(user)) is None  # type: ignore[arg-type]
+    said = [r for r in caplog.records if "not checked" in r.getMessage()]
+    assert [r.levelname for r in said] == [level], said
+    assert "redis.acl_check_cmd" in said[0].getMessage()
