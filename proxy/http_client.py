@@ -160,6 +160,7 @@ from proxy.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+from proxy.paused import PAUSE_GRACE, late
 from proxy.policy.fields import content_length, ends_at_head
 from proxy.resolver import Addresses, LookupFailed, Peer, peer_of
 
@@ -956,6 +957,7 @@ class UpstreamConnection(BaseProtocol):
         self.abort()
 
     def _check_read(self) -> None:
+        timer = self._read_timer
         self._read_timer = None
         if not self.busy or self._failed or not self._read_timeout:
             return
@@ -966,6 +968,11 @@ class UpstreamConnection(BaseProtocol):
         else:
             due = self._last_read + self._read_timeout
             if now >= due:
+                if timer is not None and late(timer.when(), now):
+                    # The process was paused past the timeout: the answer may be waiting unread
+                    # (the loop runs its timers before it reads). One more pass of reads first.
+                    self._read_timer = self._loop.call_at(now + PAUSE_GRACE, self._check_read)
+                    return
                 where = "" if self._message is None else " mid-body"
                 self._fail(UpstreamReadTimeout(f"{self._pool.name}: read timed out{where} (no byte for "
                                                f"{self._read_timeout:g}s)"))

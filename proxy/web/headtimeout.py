@@ -36,6 +36,7 @@ from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler
 
+from proxy.paused import PAUSE_GRACE, late
 from proxy.web.lingering import Lingering
 
 log = logging.getLogger("cachegate.server")
@@ -452,6 +453,12 @@ class LimitedHandler(HeadTimedHandler):
             # Just found (its progress is known a sample later), or still read: looked at again
             # a sample later (closed gracefully once read, reset once its client stops).
             self._keepalive_handle = loop.call_at(now + self.sample_every(), self._process_keepalive)
+            return
+        if late(close_time, now):
+            # The process was paused past the timeout: a next request may be waiting unread (the
+            # loop runs its timers before it reads); closed now, it would be lost. A pass first.
+            self._next_keepalive_close_time = now + PAUSE_GRACE
+            self._keepalive_handle = loop.call_at(now + PAUSE_GRACE, self._process_keepalive)
             return
         self.timed_out()
 
