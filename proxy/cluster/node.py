@@ -81,6 +81,7 @@ from proxy.cluster.settings import ClusterSettings
 from proxy.cluster.shared import PurgeCut
 from proxy.cluster.stream import Flush, Resume, Saved, StreamEntry, Tip
 from proxy.logs import RepeatedFailure
+from proxy.policy.messages import CLOCK_SLACK
 from proxy.purge import PurgeOutcome, PurgeSpec, PurgeUnavailable
 
 log = logging.getLogger("cachegate.cluster")
@@ -115,7 +116,8 @@ if last[1] then id = last[1][1] end
 return {redis.call('GET', KEYS[3]), redis.call('GET', KEYS[2]) or '0', id}
 """
 # KEYS: members, this node's heartbeat, seq. ARGV: name, heartbeat, ttl ms, instance, take (0/1).
-# -> {1 if written, the heartbeat another instance left there ('' if none), its PTTL, seq}.
+# -> {1 if written, the heartbeat another instance left there ('' if none), its PTTL, seq}, and
+# when written Redis's TIME (seconds, microseconds): this node's clock is compared with it.
 # A value that is no node's heartbeat is overwritten; another instance's only with take.
 # Liveness is also kept in members..':alive' (ALIVE_SUFFIX), a ZSET of expiry times by Redis's
 # clock: it has no TTL, so a volatile-* maxmemory policy never evicts it, as it may the heartbeat.
@@ -133,7 +135,7 @@ redis.call('SADD', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 local t = redis.call('TIME')
 redis.call('ZADD', KEYS[1] .. ':alive', t[1] * 1000 + math.floor(t[2] / 1000) + ARGV[3], ARGV[1])
-return {1, other, 0, redis.call('GET', KEYS[3]) or '0'}
+return {1, other, 0, redis.call('GET', KEYS[3]) or '0', t[1], t[2]}
 """
 # KEYS: this node's heartbeat, the alive ZSET. ARGV: instance, name. Only if it is this instance's
 # (or its heartbeat was evicted: a twin that beats puts itself back).
@@ -199,8 +201,14 @@ class ClusterNode:
                  beat_changed: Callable[[int, float, bool, bool], None] | None = None,
                  info: Callable[[], dict[str, Any]] | None = None,
                  local_entries: Callable[[], int] | None = None,
-                 hold: Callable[[], float] = lambda: HOLD_MAX) -> None:
+                 hold: Callable[[], float] = lambda: HOLD_MAX,
+                 clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
+        # This machine's clock, held against Redis's at every heartbeat (``_clock_measured``).
+        self._clock = clock
+        # How many seconds it is ahead of Redis's (behind: negative), last measured; None before.
+        self.clock_offset: float | None = None
+        self._clock_warned = False  # its offset beyond CLOCK_SLACK was said (once per episode)
         self._hold = hold  # at most this long a hit waits for this node to catch up (consistency_wait)
         self.name = settings.node
         self.instance = uuid.uuid4().hex  # this process, in its heartbeat: twins are told apart
@@ -1172,7 +1180,9 @@ class ClusterNode:
         return {"node": self.name, "state": self.state, "reason": self.reason,
                 "applied_seq": saved.seq if saved else 0, "applied_id": saved.id if saved else None,
                 "epoch": saved.epoch if saved else None, "started": self.started, "pid": os.getpid(),
-                "instance": self.instance, "seen": time.time(), **self._info()}
+                "instance": self.instance, "seen": time.time(),
+                "clock_offset": None if self.clock_offset is None else round(self.clock_offset, 3),
+                **self._info()}
 
     async def _heartbeat(self) -> None:
         """Say this node is alive. Before it serves, the name must be free: another instance's
@@ -1187,11 +1197,14 @@ class ClusterNode:
         deadline = 0.0
         while True:
             sent = time.monotonic()
-            written, other, pttl, seq = await r.eval(
+            wall = self._clock()
+            beat = await r.eval(
                 BEAT, 3, self.names.members, self.names.node(self.name), self.names.seq, self.name,
                 json.dumps(self.node_info()), ttl_ms, self.instance, "1" if take else "0")
+            written, other, pttl, seq = beat[:4]
             self.tip_seq = stored_int(seq, self.names.seq)
             if int(written):
+                self._clock_measured(wall, self._clock(), beat[4:])
                 break
             now = time.monotonic()
             if first is None:
@@ -1210,6 +1223,32 @@ class ClusterNode:
                       "count one's acknowledgement as the other's; give each node its own cluster.node",
                       self.name, _who(other))
         self._tell_beat()
+
+    def _clock_measured(self, before: float, after: float, redis_time: list[Any]) -> None:
+        """This machine's clock against Redis's TIME, read by a heartbeat sent at ``before`` and
+        answered at ``after`` (this clock): nodes whose clocks differ by more than CLOCK_SLACK
+        no longer share the shared tier's entries (each finds the others' stored in the future
+        or long stale) and date every Age from their own clock, and nothing else says why. Said
+        once per episode (beyond CLOCK_SLACK, the round trip allowed for), shown in ``/cluster``
+        (``clock_offset``) and as ``cachegate_cluster_clock_offset_seconds``; what
+        ``Engine.date_behind`` says of an origin's Date uses it too. Free: the heartbeat's script
+        reads Redis's clock anyway (its liveness set is kept by it)."""
+        try:
+            now = int(redis_time[0]) + int(redis_time[1]) / 1e6
+        except (IndexError, TypeError, ValueError):
+            return  # (a script of an older build's, or what no Redis answers: not measured)
+        offset = self.clock_offset = (before + after) / 2 - now
+        if abs(offset) - (after - before) / 2 > CLOCK_SLACK:
+            if not self._clock_warned:
+                self._clock_warned = True
+                log.warning("cluster: this machine's clock is %.0f s %s Redis's at %s: one of the two "
+                            "is wrong (check this machine's NTP and Redis's host's); nodes whose clocks "
+                            "differ by more than %.0f s do not share the shared tier's entries, and their "
+                            "Age values differ", abs(offset), "ahead of" if offset > 0 else "behind",
+                            self.settings.redacted_url, CLOCK_SLACK)
+        elif self._clock_warned and abs(offset) < CLOCK_SLACK / 2:
+            self._clock_warned = False
+            log.warning("cluster: this machine's clock agrees with Redis's again (%.1f s apart)", offset)
 
     def _goes_on(self) -> bool:
         """Whether a loop of this session goes on: not once the node closes, nor once the session
@@ -1318,6 +1357,12 @@ class ClusterNode:
                               "(what /healthz says)")
         g.add_metric([], 1.0 if self.ready else 0.0)
         yield g
+        if self.clock_offset is not None:
+            g = GaugeMetricFamily("cachegate_cluster_clock_offset_seconds",
+                                  "How far this machine's clock is ahead of Redis's (behind: negative), "
+                                  "measured at its last heartbeat")
+            g.add_metric([], self.clock_offset)
+            yield g
         g = GaugeMetricFamily("cachegate_cluster_lag", "Purges of the stream this node has not applied yet")
         g.add_metric([], float(max(0, self.tip_seq - (self.saved.seq if self.saved else 0))))
         yield g
