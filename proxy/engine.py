@@ -51,7 +51,7 @@ from proxy.policy.fill import (
     freshened,
     worth_freshening_others,
 )
-from proxy.policy.freshness import origin_date_behind
+from proxy.policy.freshness import DATE_BEHIND_SLACK, origin_date_behind
 from proxy.policy.headers import end_to_end
 from proxy.policy.invalidation import invalidated_urls
 from proxy.policy.keys import cache_key, part_key, whole_key
@@ -122,6 +122,9 @@ upstream_log = logging.getLogger("cachegate.upstream")  # what an upstream sent 
 # An origin's Date behind this clock is said once per upstream per this many seconds (a count
 # of the others with it): it stays so until someone sets that clock.
 DATE_BEHIND_WINDOW = 600.0
+# How close the skews of two upstreams' Dates must be for ``Engine._date_words`` to take them for
+# one skew of this machine's clock: whole seconds in a Date, plus the responses' delays.
+SAME_SKEW = 5.0
 
 # A relayed response's fields this proxy writes itself (its Via member appended to the origin's,
 # the framing and Server of its own server), left out with the hop-by-hop ones (``end_to_end``).
@@ -250,6 +253,9 @@ class Engine:
         self.upstream_warnings = Summarised()
         # An origin whose Date is behind this clock: one line per upstream a while (``_date_behind``).
         self.date_warnings = Summarised(DATE_BEHIND_WINDOW)
+        # How far behind each upstream's Date was last (and when, monotonic): several origins all
+        # behind by the same amount say this machine's clock is the one ahead (``_date_words``).
+        self._date_skews: dict[str, tuple[float, float]] = {}
         self._forgetting: set[asyncio.Future[None]] = set()  # see body_file_cut_short
         # ``send``'s metric children by (upstream, status class), looked up once each: two
         # ``labels()`` and an ``inc()`` were five Python-level calls on every upstream request.
@@ -1103,10 +1109,33 @@ class Engine:
         if not behind:
             return
         self.metrics.origin_date_behind.labels(upstream).inc()
-        self.date_warnings.warning(
-            log, upstream, "origin %s: its Date is %.0f s behind this clock; its responses arrive stale "
-            "and are not reused: set the origin's clock (NTP), or cache.apparent_age: false",
-            upstream, behind)
+        self.date_warnings.warning(log, upstream, "%s; its responses arrive stale and are not reused: %s, "
+                                   "or cache.apparent_age: false", *self._date_words(upstream, behind))
+
+    def _date_words(self, upstream: str, behind: float) -> tuple[str, str]:
+        """What ``date_behind`` says of ``upstream``'s Date ``behind`` this clock, and what to do:
+        a Date behind says only that one of the two clocks is wrong. This machine's compared with
+        Redis's (``cluster.clock_offset``, measured at each heartbeat) says which one; without
+        it, other upstreams whose Dates were behind by about as much lately (``SAME_SKEW``) say
+        it is most likely this machine's that is ahead (their origins would not all be off alike)."""
+        now = time.monotonic()
+        skews = self._date_skews
+        skews[upstream] = (behind, now)
+        offset = None if self.cluster is None else self.cluster.clock_offset
+        if offset is not None and offset > DATE_BEHIND_SLACK:
+            return (f"origin {upstream}: its Date is {behind:.0f} s behind this clock, which is "
+                    f"{offset:.0f} s ahead of Redis's", "set this machine's clock (NTP)")
+        if offset is not None:
+            return (f"origin {upstream}: its Date is {behind:.0f} s behind this clock (which agrees with "
+                    "Redis's)", "set the origin's clock (NTP)")
+        alike = sorted(name for name, (b, at) in skews.items()
+                       if name != upstream and abs(b - behind) <= SAME_SKEW and now - at < DATE_BEHIND_WINDOW)
+        if alike:
+            return (f"origins {', '.join([upstream, *alike])}: their Dates are all about {behind:.0f} s "
+                    f"behind this clock, which is most likely {behind:.0f} s ahead",
+                    "set this machine's clock (NTP)")
+        return (f"origin {upstream}: its Date is {behind:.0f} s behind this clock: one of the two clocks is "
+                "wrong", "set the wrong one (NTP: this machine's, or the origin's)")
 
     def _decided(self, key: str, store_plan: StorePlan, exchange: Exchange, length: int | None, *,
                  part: bool = False) -> tuple[str, Entry | None]:

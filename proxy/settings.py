@@ -538,8 +538,9 @@ class CacheSettings:
     disk: DiskSettings | None = setting(DiskSettings(), "the disk tier (null: memory only)")
     # RFC 9111 §4.2.3 allows either age: the full formula, or the Age field plus the delay alone.
     apparent_age: bool = setting(True, "count a response's age from its Date too (RFC 9111 §4.2.3's "
-                                 "full formula): an origin whose clock is behind this one by more "
-                                 "than a lifetime has every response arrive stale, never reused "
+                                 "full formula): an origin whose clock is behind this one (or this "
+                                 "machine's clock ahead) by more than a lifetime has every response "
+                                 "arrive stale, never reused "
                                  "(logged, cachegate_origin_date_behind_total). false: from its Age "
                                  "field and the response delay alone, as Varnish and nginx count it; "
                                  "behind a cache that sends no Age (nginx), a response already aged "

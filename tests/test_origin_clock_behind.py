@@ -22,8 +22,9 @@ from tests.conftest import MakeProxy, clocked
 from tests.harness import Clock, Origin, Proxy
 
 BEHIND = 7200  # the origin's clock is 2 h behind
-WARNING = re.compile(r"origin \S+: its Date is 72\d\d s behind this clock; its responses arrive stale and "
-                     r"are not reused: set the origin's clock \(NTP\), or cache.apparent_age: false")
+WARNING = re.compile(r"origin \S+: its Date is 72\d\d s behind this clock: one of the two clocks is wrong; "
+                     r"its responses arrive stale and are not reused: set the wrong one \(NTP: this machine's, "
+                     r"or the origin's\), or cache.apparent_age: false")
 
 
 def slow_clock_origin(origin: Origin, delay: float = 0.0) -> None:
@@ -142,3 +143,26 @@ async def test_a_304_whose_date_is_behind_is_counted_and_said_too(
     said = warnings(caplog)
     assert len(said) == 1 and WARNING.fullmatch(said[0]), said
     assert (await proxy.get("/p")).x_cache != "HIT"  # stale through the 304's Date
+
+
+async def test_origins_all_behind_alike_say_this_machines_clock_is_ahead(
+        make_proxy: MakeProxy, origin: Origin, caplog: pytest.LogCaptureFixture) -> None:
+    """This machine's clock an hour ahead, its origins' right: every origin's Date looks behind
+    by the same amount. One origin cannot say which clock is wrong; two alike can."""
+    caplog.set_level(logging.WARNING)
+    second = Origin()
+    await second.start()
+    try:
+        slow_clock_origin(origin)
+        slow_clock_origin(second)
+        proxy = await make_proxy(upstreams=[origin.url, second.url])  # round robin: both asked
+        for _ in range(4):
+            assert (await proxy.get("/p")).status == 200
+        assert origin.count("/p") == second.count("/p") == 2
+        first, then = warnings(caplog)  # one per upstream
+        assert WARNING.fullmatch(first), first
+        assert re.fullmatch(r"origins (\S+), (\S+): their Dates are all about 72\d\d s behind this clock, which is "
+                            r"most likely 72\d\d s ahead; its responses arrive stale and are not reused: set this "
+                            r"machine's clock \(NTP\), or cache.apparent_age: false", then), then
+    finally:
+        await second.stop()

@@ -59,6 +59,7 @@ class WorkerGate:
         self.deadline = 0.0  # when the supervisor's heartbeat key expires (0: no check)
         self.held = False
         self.redis_away = False  # the supervisor is not connected to Redis: the shared tier waits
+        self.clock_offset: float | None = None  # (measured by the supervisor, not told: NodeGate)
         self._told = -1
         self._go = asyncio.Event()
         self._go.set()

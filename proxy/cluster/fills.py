@@ -82,6 +82,10 @@ class NodeGate(Protocol):
     @property
     def invalidations_pending(self) -> bool: ...  # the shared tier may hold what they cover
 
+    # How far this machine's clock is ahead of Redis's, last measured (None: not known here:
+    # before a heartbeat, or in a worker, whose supervisor measures it).
+    clock_offset: float | None
+
 
 class WriteThrough:
     """One fill under the cluster's fill lock: written through when it ends stored with a body

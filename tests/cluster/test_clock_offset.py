@@ -12,11 +12,15 @@ import time
 import uuid
 
 import pytest
+from aiohttp import web
 
 from proxy.cluster.node import ClusterNode
 from proxy.cluster.settings import ClusterSettings
+from proxy.policy.httpdate import format_http_date
 from proxy.purge import PurgeSpec
 from tests.cluster.redis_server import RedisServer
+from tests.conftest import MakeProxy
+from tests.harness import Origin
 
 
 async def nothing(spec: PurgeSpec) -> int:
@@ -66,3 +70,35 @@ async def test_no_offset_is_shown_before_a_heartbeat(shared_redis: RedisServer) 
     assert node.clock_offset is None and gauge(node) == []
     assert node.node_info()["clock_offset"] is None
 
+
+@pytest.mark.parametrize("ahead", [0, 7200])
+async def test_a_node_knows_whose_clock_an_origins_date_behind_blames(
+        shared_redis: RedisServer, make_proxy: MakeProxy, origin: Origin, caplog: pytest.LogCaptureFixture,
+        ahead: int) -> None:
+    """An origin's Date 2 h behind this machine's clock: the origin's clock behind, or this
+    machine's ahead (the same observable skew). A node held its clock against Redis's, and says
+    which."""
+    caplog.set_level(logging.WARNING)
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(body=b"page", headers={"Cache-Control": "max-age=600",
+                                                   "Date": format_http_date(time.time() - 7200)})
+
+    origin.route("/p", page)
+    proxy = await make_proxy()
+    node = ClusterNode(ClusterSettings(redis=shared_redis.url, node="n", namespace=f"t{uuid.uuid4().hex[:8]}",
+                                       heartbeat=0.1), nothing, None, clock=lambda: time.time() + ahead)
+    await node.start()
+    try:
+        proxy.runtime.engine.cluster = node  # as join_cluster does
+        assert (await proxy.get("/p")).status == 200
+        [line] = [m for m in said(caplog) if m.startswith("origin ")]
+        if ahead:
+            assert "s behind this clock, which is 7200 s ahead of Redis's; its responses arrive stale and are " \
+                   "not reused: set this machine's clock (NTP)" in line, line
+        else:
+            assert "s behind this clock (which agrees with Redis's); its responses arrive stale and are not " \
+                   "reused: set the origin's clock (NTP)" in line, line
+    finally:
+        proxy.runtime.engine.cluster = None
+        await node.close()
