@@ -114,6 +114,7 @@ from proxy.storage.bodyfiles import SharedFile
 from proxy.storage.entry import Entry
 from proxy.storage.failures import WriteFailures
 from proxy.storage.memory import Cached, Slot
+from proxy.storage.reads import note_clock_back
 from proxy.storage.tiered import BodySpool
 from proxy.upstream import UpstreamResponse
 
@@ -372,11 +373,17 @@ class Engine:
                 return await self.miss.fetch(Attempt(req, plan, key, "uri-miss"))
             case Revalidate():
                 cached = variants[decision.index]
+                # Stale maybe only because it was stored while the clock was ahead (set back
+                # since): said once, as a disk read of such an entry says it (not on a hit).
+                note_clock_back((cached.entry,), now)
                 stale = cached if decision.stale_if_error else None
                 return await self.miss.fetch(Attempt(req, plan, key, decision.fwd, cached, stale,
                                                      stale_prohibited=decision.stale_prohibited))
             case Forward():
-                stale = variants[decision.stale_index] if decision.stale_index is not None else None
+                stale = None
+                if decision.stale_index is not None:
+                    stale = variants[decision.stale_index]
+                    note_clock_back((stale.entry,), now)  # (as Revalidate's)
                 attempt = Attempt(req, plan, key, decision.fwd, None, stale,
                                   coalesce=decision.fwd != "request", nowhere=nowhere,
                                   stale_prohibited=decision.stale_prohibited)

@@ -62,9 +62,10 @@ class _ClockBack:
 
 def note_clock_back(entries: Sequence[Entry], now: float) -> bool:
     """Log, once per process, an entry read from disk that was stored while the clock was
-    ahead (``Freshness.stamped_ahead``: the clock has gone back since). The policy treats such
-    an entry as stale (``Freshness.age``); this says why so many entries are revalidated at
-    once. After the first, it costs one attribute read per disk read. Whether it logged."""
+    ahead (``Freshness.stamped_ahead``: the clock has gone back since), or one from memory that
+    a lookup found stale (``Engine.handle``: not on a hit). The policy treats such an entry as
+    stale (``Freshness.age``); this says why so many entries are revalidated at once. After the
+    first, it costs one attribute read per disk read or stale lookup. Whether it logged."""
     if _ClockBack.seen:
         return False
     for e in entries:
