@@ -92,18 +92,34 @@ def literal(host: str, port: int) -> list[AddrInfo] | None:
     with contextlib.suppress(OSError):
         socket.inet_pton(socket.AF_INET, host)
         return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
-    address, _, zone = unquote(host).partition("%")
+    sockaddr = scoped(unquote(host), port)
+    if sockaddr is None:
+        return None
+    return [(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", sockaddr)]
+
+
+def scoped(host: str, port: int) -> tuple[str, int, int, int] | None:
+    """The socket address of an IPv6 address with an optional zone (``fe80::1%eth0``, decoded),
+    or None when it is none (or names no interface here: left to getaddrinfo, whose failure says
+    so). The zone is in the address text too, as its number: uvloop (0.23) parses the text of a
+    socket address again and drops the fourth element, so ``(fe80::1, P, 0, 3)`` connected
+    without a scope (EINVAL: the upstream was never reached); ``fe80::1%3`` keeps it in both.
+
+    >>> scoped("::1", 80), scoped("::1%1", 80), scoped("127.0.0.1", 80)
+    (('::1', 80, 0, 0), ('::1%1', 80, 0, 1), None)
+    """
+    address, _, zone = host.partition("%")
     try:
         socket.inet_pton(socket.AF_INET6, address)
     except OSError:
         return None
-    scope = 0
-    if zone:
-        try:
-            scope = int(zone) if zone.isdigit() else socket.if_nametoindex(zone)
-        except OSError:
-            return None  # no such interface: left to getaddrinfo, whose failure says so
-    return [(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port, 0, scope))]
+    if not zone:
+        return address, port, 0, 0
+    try:
+        scope = int(zone) if zone.isdigit() else socket.if_nametoindex(zone)
+    except OSError:
+        return None
+    return f"{address}%{scope}", port, 0, scope
 
 
 class LookupFailed(Exception):
@@ -303,4 +319,4 @@ class Addresses:
 
 
 __all__ = ["ADDRESS_RETRY", "DNS_RETRY", "DNS_TTL", "AddrInfo", "Addresses", "LookupFailed", "Peer",
-           "literal", "peer_of"]
+           "literal", "peer_of", "scoped"]

@@ -38,6 +38,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.cluster.settings import ClusterSettings
+from proxy.resolver import scoped
 
 # What a Redis that is down, slow or restarting raises through the asyncio client.
 REDIS_DOWN: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError, ConnectionError)
@@ -160,6 +161,46 @@ class Bounded(aioredis.Redis):
                                     "included") from None
 
 
+class ZonedConnection(aioredis.Connection):
+    """A connection to an IPv6 address with a zone (``redis://[fe80::1%25eth0]:6379/0``): the
+    socket is connected here, to the address with its scope, and handed to the client. redis-py
+    passes the host text to ``open_connection``, whose lookup under uvloop (0.23) drops the zone:
+    the connect went nowhere, and the node did not start ("no answer within the timeout")."""
+
+    _connected: socket.socket | None = None
+
+    async def _connect(self) -> None:
+        sockaddr = scoped(self.host, self.port)
+        if sockaddr is None:  # (no such interface: the client's own lookup says so)
+            await super()._connect()  # type: ignore[no-untyped-call, unused-ignore]
+            return
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            async with asyncio.timeout(self.socket_connect_timeout):
+                await asyncio.get_running_loop().sock_connect(sock, sockaddr)
+            self._connected = sock
+            await super()._connect()  # type: ignore[no-untyped-call, unused-ignore]
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            self._connected = None
+
+    def _connection_arguments(self) -> Any:
+        arguments = dict(super()._connection_arguments())
+        if self._connected is not None:
+            del arguments["host"], arguments["port"]
+            arguments["sock"] = self._connected
+            if arguments.get("ssl") is not None:
+                arguments["server_hostname"] = self.host.partition("%")[0]
+        return arguments
+
+
+class ZonedSSLConnection(ZonedConnection, aioredis.SSLConnection):
+    """``ZonedConnection`` over TLS (``rediss://``)."""
+
+
 def client(settings: ClusterSettings, *, decode: bool, blocking: float = 0.0) -> Bounded:
     """A client for ``cluster.redis`` whose every command fails within ``cluster.timeout``
     (plus ``blocking`` for a connection that waits in XREAD BLOCK), a new connection's set-up
@@ -185,6 +226,10 @@ def client(settings: ClusterSettings, *, decode: bool, blocking: float = 0.0) ->
         **tcp,
     )
     assert isinstance(redis, Bounded)  # (``from_url`` is typed to make a plain client)
+    pool = redis.connection_pool
+    if "%" in str(pool.connection_kwargs.get("host", "")):
+        tls = issubclass(pool.connection_class, aioredis.SSLConnection)
+        pool.connection_class = ZonedSSLConnection if tls else ZonedConnection
     redis.bound = settings.timeout + blocking
     return redis
 
