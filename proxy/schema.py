@@ -218,6 +218,31 @@ def _suggest(key: str, allowed: list[str]) -> str:
     return f" (allowed: {', '.join(allowed)})" if len(allowed) <= 12 else ""
 
 
+def url_bracket_problem(authority: str) -> str | None:
+    """Why the host of a URL's authority (``[user@]host[:port]``), when in brackets, is no IPv6
+    address a connect can take, or None. An IPvFuture literal (``[v1.fe]``, RFC 3986 §3.2.2) is
+    none: yarl took ``[1:2:3]`` and a later step crashed (a traceback, not FILE:LINE), and
+    ``[v1.fe]`` passed check and every request was a 502.
+
+    >>> url_bracket_problem("[fe80::1%25eth0]:80"), bracket_problem("example.com:80")
+    (None, None)
+    >>> url_bracket_problem("[1:2:3]:9000")
+    "the brackets hold no IPv6 address: '1:2:3' (an IPv6 address, [2001:db8::1], or a name without brackets)"
+    """
+    from urllib.parse import unquote
+
+    host = authority.rpartition("@")[2]
+    if not host.startswith("["):
+        return None
+    inside = host[1:].partition("]")[0]
+    try:
+        ipaddress.IPv6Address(unquote(inside))  # a zone percent-encoded: [fe80::1%25eth0]
+    except ValueError:
+        return (f"the brackets hold no IPv6 address: {inside!r} (an IPv6 address, [2001:db8::1], "
+                "or a name without brackets)")
+    return None
+
+
 def parse_hostport(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (or ``[v6]:PORT`` or ``:PORT``); ValueError when malformed.
 

@@ -65,6 +65,7 @@ from proxy.schema import (
     strings,
     text,
     type_name,
+    url_bracket_problem,
 )
 from proxy.tls import (
     ENCRYPTED_KEY,
@@ -229,6 +230,9 @@ def upstream_url(value: str) -> URL:
                          "(and would be shown in logs and metrics); remove them")
     if any(c <= " " or c == "\x7f" for c in value):  # yarl drops a CR or LF, the host goes in Host
         raise ValueError(f"upstream url {value!r}: must not contain spaces or control characters")
+    problem = url_bracket_problem(authority)
+    if problem is not None:
+        raise ValueError(f"upstream url {value!r}: {problem}")
     try:
         url = parse_url(value)
     except ValueError as exc:

@@ -15,7 +15,16 @@ from urllib.parse import unquote, unquote_plus, urlsplit
 
 from yarl import URL
 
-from proxy.schema import Invalid, byte_size, duration, integer, setting, text, unencodable_path
+from proxy.schema import (
+    Invalid,
+    byte_size,
+    duration,
+    integer,
+    setting,
+    text,
+    unencodable_path,
+    url_bracket_problem,
+)
 
 KB = 1 << 10
 REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -28,12 +37,16 @@ def _redis_url(value: str) -> str:
     if any(c < " " or c == "\x7f" for c in value):  # a NUL in a unix socket's path: a ValueError at connect
         raise Invalid(f"{redacted(value)!r}: a Redis URL must not contain control characters (percent-encode "
                       "them)")
+    problem = url_bracket_problem(re.split(r"[/?#]", value.partition("://")[2], maxsplit=1)[0])
+    if problem is not None:
+        raise Invalid(f"{redacted(value)!r}: {problem}")
     try:
         url = URL(value)
         ok = url.scheme in REDIS_SCHEMES and (bool(url.host) or url.scheme == "unix")
+        ok = ok and not _password_cut(value)
     except ValueError:
         ok = False
-    if not ok or _password_cut(value):
+    if not ok:
         raise Invalid(f"{redacted(value)!r} is not a Redis URL: use redis://HOST:PORT/DB, "
                       "rediss://HOST:PORT/DB (TLS) or unix:///path/to/redis.sock"
                       + (_ENCODE if "@" in value else ""))
@@ -63,7 +76,11 @@ def _password_cut(value: str) -> bool:
     the client would take part of the password for the host, path or query."""
     scheme, _, rest = value.partition("://")
     # (unix: the password is a query parameter, which may hold an '@'; no host to take it for)
-    return scheme != "unix" and rest.count("@") != urlsplit(value).netloc.count("@")
+    try:
+        netloc = urlsplit(value).netloc
+    except ValueError:  # (what urlsplit cannot read, the client cannot either)
+        return True
+    return scheme != "unix" and rest.count("@") != netloc.count("@")
 
 
 def _node_name(value: str) -> str:
