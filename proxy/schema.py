@@ -18,6 +18,7 @@ import datetime
 import ipaddress
 import os
 import re
+import socket
 import sys
 import types
 import typing
@@ -224,7 +225,7 @@ def url_bracket_problem(authority: str) -> str | None:
     none: yarl took ``[1:2:3]`` and a later step crashed (a traceback, not FILE:LINE), and
     ``[v1.fe]`` passed check and every request was a 502.
 
-    >>> url_bracket_problem("[fe80::1%25eth0]:80"), bracket_problem("example.com:80")
+    >>> url_bracket_problem("[fe80::1%25eth0]:80"), url_bracket_problem("example.com:80")
     (None, None)
     >>> url_bracket_problem("[1:2:3]:9000")
     "the brackets hold no IPv6 address: '1:2:3' (an IPv6 address, [2001:db8::1], or a name without brackets)"
@@ -250,16 +251,61 @@ def parse_hostport(text: str) -> tuple[str, int]:
     (('127.0.0.1', 8080), ('::1', 0), ('0.0.0.0', 80))
     """
     text = str(text).strip()
-    if text.startswith("["):
+    bracketed = text.startswith("[")
+    if bracketed:
         host, sep, port = text[1:].partition("]:")
     else:
         host, sep, port = text.rpartition(":")
+    if bracketed and not sep:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    if (":" in host and not bracketed) or "[" in host or "]" in host:
+        # '::1' was read as host ':' and port 1, '::1:0' as [::1]:0: both passed check.
+        raise ValueError(f"{text!r}: an IPv6 address is written in brackets, the port after them: "
+                         "[::1]:8080")
     if not sep or not (port.isascii() and port.isdigit()):  # not '²'
         raise ValueError(f"expected HOST:PORT, got {text!r}")
     if int(port) > 65535:
         raise ValueError(f"{text!r}: port {int(port)} is out of range (a port is 0 to 65535; 0: one "
                          "the system chooses)")
+    if bracketed:
+        problem = _listen_v6_problem(host)
+        if problem is not None:
+            raise ValueError(f"{text!r}: {problem}")
     return host or "0.0.0.0", int(port)
+
+
+def _listen_v6_problem(host: str) -> str | None:
+    """Why ``host`` (written in brackets) is no IPv6 address a listener can bind, or None. Each
+    passed check and failed at start ("cannot listen: [Errno -2] Name or service not known",
+    naming no address): no IPv6 address, a zone on an address that takes none, an interface
+    that is not there; an IPv4-mapped one, which a listener (IPv6 only) cannot bind (EINVAL).
+
+    >>> [_listen_v6_problem(h) for h in ("::1", "::", "fe80::1%1")]
+    [None, None, None]
+    >>> _listen_v6_problem("::ffff:127.0.0.1")
+    'an IPv4-mapped address is bound in its IPv4 form: 127.0.0.1:PORT'
+    """
+    address, percent, zone = host.partition("%")
+    try:
+        parsed = ipaddress.IPv6Address(address)
+    except ValueError:
+        return "the brackets hold no IPv6 address"
+    if parsed.ipv4_mapped is not None:
+        return f"an IPv4-mapped address is bound in its IPv4 form: {parsed.ipv4_mapped}:PORT"
+    if not percent:
+        if parsed.is_link_local:
+            return (f"a link-local address is bound on one interface: name it, [{address}%eth0]:PORT "
+                    "(or its number)")
+        return None
+    if not parsed.is_link_local:
+        return "a zone (%...) applies to a link-local address (fe80::/10) only: remove it"
+    if not zone.isdigit():
+        try:
+            socket.if_nametoindex(zone)
+        except OSError:
+            return (f"no network interface {zone!r} here (the zone is the interface's name as "
+                    "'ip link' shows it, not percent-encoded, or its number)")
+    return None
 
 
 # -- settings declared once: dataclass fields that carry their own parser ------------------

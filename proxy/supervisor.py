@@ -536,7 +536,10 @@ class Supervisor:
         try:
             for listener in self.settings.listeners:
                 host, port = listener.address
-                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+                try:
+                    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+                except OSError as exc:  # ("[Errno -2] Name or service not known" named no address)
+                    raise OSError(f"listen {_fmt(host)}:{port}: {exc.strerror or exc}") from None
                 family, _, _, _, addr = infos[0]
                 if port and _accepting(family, addr):
                     raise OSError(port_in_use(f"{_fmt(host)}:{port}", port, "this listener"))
@@ -553,9 +556,7 @@ class Supervisor:
                     sock.bind(addr)
                 except OSError as exc:  # a connection's local end, a low port: "[Errno 98]" alone
                     why = bind_refused(f"{_fmt(host)}:{port}", port, "this listener", exc)
-                    if why is None:
-                        raise
-                    raise OSError(why) from None
+                    raise OSError(why or f"listen {_fmt(host)}:{port}: {exc.strerror or exc}") from None
                 self._lock_address(family, sock.getsockname())
         except OSError:
             self._release(reserved)

@@ -116,3 +116,21 @@ def test_a_cluster_redis_on_a_link_local_address_with_a_zone_is_reached_under_uv
     finally:
         redis.terminate()
         redis.wait(10)
+
+
+def test_a_listener_on_a_link_local_address_with_its_zone_serves(link_local: tuple[str, str],
+                                                                   tmp_path: Path) -> None:
+    """``listen: "[fe80::...%IF]:0"`` binds (check keeps accepting it; without the zone, or
+    with it percent-encoded, check refuses it: run could not bind either)."""
+    address, interface = link_local
+    config = tmp_path / "cachegate.yaml"
+    config.write_text(f"listen: '[{address}%{interface}]:0'\nadmin: {{listen: '127.0.0.1:0'}}\n"
+                      f"upstreams: ['http://127.0.0.1:9']\ncache: {{memory: 16MB}}\n")
+    proc = spawn_cachegate(["run", "-c", str(config)])
+    try:
+        port = int(proc.proxy_url.rsplit(":", 1)[1])
+        with socket.create_connection((f"{address}%{interface}", port), timeout=5) as conn:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert conn.recv(100).startswith(b"HTTP/1.1 "), proc.text
+    finally:
+        proc.stop()

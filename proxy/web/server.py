@@ -315,10 +315,10 @@ async def start_proxy_listener(runtime: Runtime, settings: Settings, *,
         await runner.cleanup()
         # aiohttp's "[Errno 98] error while attempting to bind on address ...": named as the
         # supervisor names it, with who holds the port (or the capability a low port takes).
-        why = bind_refused(show_hostport((host, port)), port, "this listener", exc)
-        if why is None:
-            raise
-        raise OSError(why) from None
+        where = show_hostport((host, port))
+        # (aiohttp's words for a failed lookup, "[Errno -2] Name or service not known", named no address)
+        raise OSError(bind_refused(where, port, "this listener", exc)
+                      or f"listen {where}: {exc.strerror or exc}") from None
     except BaseException:
         await runner.cleanup()
         raise

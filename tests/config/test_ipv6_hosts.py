@@ -111,3 +111,56 @@ async def test_a_reload_to_such_a_host_is_refused_at_its_line_and_keeps_serving(
         assert origin.count("/x") == 1
     finally:
         await proxy.stop(signal.SIGTERM)
+
+
+# -- listen: what check passed and run could not bind ------------------------------------------
+
+BRACKETS = "an IPv6 address is written in brackets, the port after them: [::1]:8080"
+
+
+@pytest.mark.parametrize(("listen", "problem"), [
+    ("::1", BRACKETS),  # was host ':' port 1
+    ("::1:0", BRACKETS),  # was [::1]:0, silently
+    ("[1:2:3]:0", "the brackets hold no IPv6 address"),
+    ("[]:0", "the brackets hold no IPv6 address"),
+    ("[::1%lo]:0", "a zone (%...) applies to a link-local address (fe80::/10) only: remove it"),
+    ("[::ffff:127.0.0.1]:0", "an IPv4-mapped address is bound in its IPv4 form: 127.0.0.1:PORT"),
+    ("[fe80::1]:0", "a link-local address is bound on one interface: name it, [fe80::1%eth0]:PORT (or its "
+                    "number)"),
+    ("[fe80::1%25lo]:0", "no network interface '25lo' here (the zone is the interface's name as 'ip link' "
+                         "shows it, not percent-encoded, or its number)"),
+])
+def test_a_listen_address_run_cannot_bind_is_refused_at_its_line(tmp_path: Path, listen: str, problem: str) -> None:
+    assert problems(tmp_path, f"upstreams: [http://127.0.0.1:9]\nlisten: {listen!r}\n") == [
+        f"c.yaml:2: listen: {listen!r}: {problem}"]
+    assert problems(tmp_path, f"upstreams: [http://127.0.0.1:9]\nadmin: {{listen: {listen!r}}}\n") == [
+        f"c.yaml:2: admin.listen: {listen!r}: {problem}"]
+
+
+def test_listen_addresses_that_bind_still_load(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("upstreams: [http://127.0.0.1:9]\n"
+                    "listen: ['[::1]:0', '[::]:0', ':0', '127.0.0.1:0', '[fe80::1%lo]:0', '[fe80::1%1]:0']\n")
+    assert [li.address for li in load_config(str(path)).listeners] == [
+        ("::1", 0), ("::", 0), ("0.0.0.0", 0), ("127.0.0.1", 0), ("fe80::1%lo", 0), ("fe80::1%1", 0)]
+
+
+def test_listen_on_the_command_line_is_checked_too(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("admin: {listen: '127.0.0.1:0'}\ncache: {memory: 8MB}\nupstreams: ['http://127.0.0.1:9']\n")
+    done = subprocess.run([sys.executable, "-m", "proxy", "run", "--config", str(config), "--listen", "::1"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and f"'::1': {BRACKETS}" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_run_names_the_address_it_cannot_listen_on(tmp_path: Path, workers: str) -> None:
+    """"cannot listen: [Errno -2] Name or service not known" named no address."""
+    config = tmp_path / "c.yaml"
+    config.write_text("listen: nosuch.invalid:0\nadmin: {listen: '127.0.0.1:0'}\ncache: {memory: 8MB}\n"
+                      "upstreams: ['http://127.0.0.1:9']\n")
+    done = subprocess.run([sys.executable, "-m", "proxy", "run", "--config", str(config), "--workers", workers],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "cannot listen: listen nosuch.invalid:0: " in done.stderr, done.stderr
