@@ -8,7 +8,8 @@ clients. It
   socket that does not listen takes no connections). SO_REUSEPORT lets any process
   of the same user bind the port too, and the kernel would split the traffic between
   two instances with different configs: so it first refuses a port something already
-  accepts on, and holds a lock named by the address for as long as it runs
+  accepts on (on any address that overlaps its own: a plain bind, ``_bind_alone``), and
+  holds a lock named by the address for as long as it runs
   (``proxy.lockfile``; a second supervisor finds it taken even before the first one's
   workers listen);
 - starts the workers as fresh interpreters (``python -m proxy.supervisor worker``),
@@ -545,14 +546,10 @@ class Supervisor:
                     raise OSError(port_in_use(f"{_fmt(host)}:{port}", port, "this listener"))
                 sock = socket.socket(family, socket.SOCK_STREAM)
                 reserved.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                if family == socket.AF_INET6:
-                    # IPv6 alone, as the workers' listeners (asyncio sets it on each): the
-                    # system's dual-stack default held the port's IPv4 half too, which nothing
-                    # here serves, and kept another server from listening there.
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 try:
+                    if port:
+                        _bind_alone(family, addr)
+                    _reusing(sock, family, reuse_port=True)
                     sock.bind(addr)
                 except OSError as exc:  # a connection's local end, a low port: "[Errno 98]" alone
                     why = bind_refused(f"{_fmt(host)}:{port}", port, "this listener", exc)
@@ -1291,6 +1288,29 @@ def ready_timeout() -> float:
         return float(os.environ.get("CACHEGATE_READY_TIMEOUT") or READY_TIMEOUT)
     except ValueError:
         return READY_TIMEOUT
+
+
+def _reusing(sock: socket.socket, family: int, *, reuse_port: bool) -> None:
+    """The options of a reserved socket (``reuse_port``), or of its probe (``_bind_alone``)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6:
+        # IPv6 alone, as the workers' listeners (asyncio sets it on each): the system's
+        # dual-stack default held the port's IPv4 half too, which nothing here serves, and
+        # kept another server from listening there.
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+
+
+def _bind_alone(family: int, addr: Any) -> None:
+    """Bind ``addr`` without SO_REUSEPORT, and let go: OSError (EADDRINUSE) when anything listens
+    on an address that overlaps it (the kernel's own test, as for a single process). The
+    connect probe (``_accepting``) tries one address: a wildcard (``0.0.0.0:P``, ``[::]:P``)
+    was let in beside an instance on a specific address of that port (``127.0.0.2:P``), and the
+    kernel split the connections between the two by their destination."""
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        _reusing(probe, family, reuse_port=False)
+        probe.bind(addr)
 
 
 def _accepting(family: int, addr: Any) -> bool:

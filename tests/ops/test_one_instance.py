@@ -91,6 +91,30 @@ async def test_a_second_supervisor_on_the_same_port_refuses_to_start(origin: Ori
         assert await first.stop() == 0
 
 
+async def test_a_second_supervisor_on_the_wildcard_address_of_a_running_ones_port_refuses_to_start(
+        origin: Origin, tmp_path: Path) -> None:
+    """An instance on 127.0.0.2:P (SO_REUSEPORT) and a second on 0.0.0.0:P: the connect probe tried
+    127.0.0.1 alone, nothing answered there, and the second started; the kernel then split the
+    connections by their destination address. (The other order was refused.) Its own workers,
+    restarted, still bind beside their supervisor's reservation."""
+    cache = "cache: {memory: 16MB, disk: {path: cache, size: 64MB, shards: 2}}\n"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.2", 0))
+        port = s.getsockname()[1]
+    first = ProxyProcess(str(tmp_path / "a"), write_config(str(tmp_path / "a"), origin.url, cache))
+    await first.start("--workers", "2", "--listen", f"127.0.0.2:{port}")
+    try:
+        code, out = await run_to_exit(write_config(str(tmp_path / "b"), origin.url, cache),
+                                      "--listen", f"0.0.0.0:{port}", "--workers", "2", wait=20)
+        assert code == 1, out
+        assert f"cachegate: cannot listen: 0.0.0.0:{port}: another process" in out, out
+        assert (await first.get("/")).status in (200, 404)  # the first one serves on
+    finally:
+        assert await first.stop() == 0
+
+
 def test_a_reserved_port_is_locked_before_any_worker_listens(tmp_path: Path) -> None:
     """The connect probe cannot see a supervisor whose workers do not listen yet: the lock does."""
     from proxy.supervisor import Supervisor
