@@ -365,10 +365,10 @@ class GuessLimiter:
             ip = ipaddress.ip_address(address.split("%", 1)[0])
         except ValueError:
             return address
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # (first: ::ffff:127.0.0.1 is loopback only once unwrapped)
         if ip.is_loopback:
             return GuessLimiter.LOOPBACK
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
         prefix = 24 if ip.version == 4 else 64
         return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 

@@ -270,6 +270,15 @@ def test_a_client_trying_tokens_locks_out_itself_not_the_others() -> None:
     assert len(limiter._buckets) == GuessLimiter.MAX_CLIENTS
 
 
+def test_an_ipv4_mapped_loopback_address_counts_as_loopback() -> None:
+    """``is_loopback`` was asked before the IPv4-mapped address was unwrapped: ::ffff:127.0.0.1
+    (not loopback as an IPv6 address) counted in 127.0.0.0/24, apart from the other loopback
+    addresses. (No listener gives such an address today: each is IPv6-only.)"""
+    assert {GuessLimiter.key(a) for a in ("::ffff:127.0.0.1", "::ffff:127.9.9.9", "127.0.0.1", "::1")} == {
+        GuessLimiter.LOOPBACK}
+    assert GuessLimiter.key("::ffff:10.0.0.9") == GuessLimiter.key("10.0.0.77") == "10.0.0.0/24"
+
+
 def test_a_locked_out_network_stays_locked_out_however_many_other_networks_guess() -> None:
     """The last 4,096 networks were remembered, the oldest forgotten first with their lockout:
     a locked-out client that sent one wrong token from each of 4,096 other /64s of its own
