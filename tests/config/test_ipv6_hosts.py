@@ -16,6 +16,7 @@ import pytest
 
 from proxy.config import load_config
 from proxy.errors import ConfigError
+from proxy.settings import Settings
 from tests.harness import Origin
 from tests.storage.procs import ProxyProcess, write_config
 
@@ -30,11 +31,15 @@ def _write(path: str, text: str) -> None:
     Path(path).write_text(text)
 
 
-def problems(folder: Path, text: str) -> list[str]:
+def loaded(folder: Path, text: str) -> Settings:
     path = folder / "c.yaml"
     path.write_text(text)
+    return load_config(str(path))
+
+
+def problems(folder: Path, text: str) -> list[str]:
     with pytest.raises(ConfigError) as info:
-        load_config(str(path))
+        loaded(folder, text)
     return [p.replace(f"{folder}/", "") for p in info.value.problems]
 
 
@@ -64,10 +69,8 @@ def test_a_redis_url_whose_brackets_hold_no_ipv6_address_is_refused_at_its_line(
 
 
 def test_ipv6_hosts_with_and_without_a_zone_still_load(tmp_path: Path) -> None:
-    path = tmp_path / "c.yaml"
-    path.write_text("upstreams: ['http://[::1]:9', 'http://[fe80::1%25lo]:9']\n"
-                    "cluster: {redis: 'redis://[fe80::1%25lo]:6379/0'}\n")
-    settings = load_config(str(path))
+    settings = loaded(tmp_path, "upstreams: ['http://[::1]:9', 'http://[fe80::1%25lo]:9']\n"
+                                "cluster: {redis: 'redis://[fe80::1%25lo]:6379/0'}\n")
     assert [str(u.url) for u in settings.upstreams] == [
         "http://[::1]:9", "http://[fe80::1%25lo]:9"]
 
@@ -138,10 +141,9 @@ def test_a_listen_address_run_cannot_bind_is_refused_at_its_line(tmp_path: Path,
 
 
 def test_listen_addresses_that_bind_still_load(tmp_path: Path) -> None:
-    path = tmp_path / "c.yaml"
-    path.write_text("upstreams: [http://127.0.0.1:9]\n"
-                    "listen: ['[::1]:0', '[::]:0', ':0', '127.0.0.1:0', '[fe80::1%lo]:0', '[fe80::1%1]:0']\n")
-    assert [li.address for li in load_config(str(path)).listeners] == [
+    settings = loaded(tmp_path, "upstreams: [http://127.0.0.1:9]\n"
+                      "listen: ['[::1]:0', '[::]:0', ':0', '127.0.0.1:0', '[fe80::1%lo]:0', '[fe80::1%1]:0']\n")
+    assert [li.address for li in settings.listeners] == [
         ("::1", 0), ("::", 0), ("0.0.0.0", 0), ("127.0.0.1", 0), ("fe80::1%lo", 0), ("fe80::1%1", 0)]
 
 
