@@ -11,6 +11,7 @@ from aiohttp import web
 
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
+from tests.security.misbehaving import Conn, raw_origins, response
 
 
 async def raw_exchange(url: str, data: bytes, quiet: float = 5.0) -> bytes:
@@ -265,3 +266,28 @@ async def test_max_forwards_zero_is_answered_here_and_more_is_forwarded_one_lowe
     assert (onward.status, onward.body) == (200, b"TRACE mf=0")
     plain = await proxy.request("GET", "/echo", headers={"Max-Forwards": "0"})
     assert (plain.status, plain.body) == (200, b"GET mf=0")  # other methods: left alone
+
+
+async def test_options_to_an_absolute_url_without_a_path_reaches_the_origin_as_options_star(
+        make_proxy: MakeProxy) -> None:
+    """RFC 9112 §3.2.4: an OPTIONS whose absolute-form target has an empty path and no query asks
+    about the server, and the last proxy MUST send it as ``OPTIONS *`` (it went as ``OPTIONS /``,
+    a question about one resource). The authority still names the server, in Host; a path or a
+    query keeps the origin form, and another method's empty path is ``/``."""
+
+    async def serve(conn: Conn) -> None:
+        while True:
+            await conn.request()
+            await conn.send(response("200 OK", {"Allow": "GET, OPTIONS"}))
+
+    async with raw_origins() as start:
+        origin = await start(serve)
+        proxy = await make_proxy(upstreams=[origin.url])
+        sent = [("OPTIONS", "http://other.test"), ("OPTIONS", "http://Other.test:80?q=1"),
+                ("OPTIONS", "http://other.test/"), ("OPTIONS", "*"), ("GET", "http://other.test")]
+        for method, target in sent:
+            reply = await proxy.raw(method, target, host="shop.example")
+            assert reply.status == 200, (target, reply.body)
+        assert [(r.method, r.target, r.headers["host"]) for _, r in origin.requests] == [
+            ("OPTIONS", "*", "other.test"), ("OPTIONS", "/?q=1", "other.test"),
+            ("OPTIONS", "/", "other.test"), ("OPTIONS", "*", "shop.example"), ("GET", "/", "other.test")]

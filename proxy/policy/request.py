@@ -565,7 +565,7 @@ def _normalise(msg: RequestMessage, scheme: str, drop: frozenset[str], trusted: 
         if method == "OPTIONS" and target == "*":
             pass
         else:
-            parsed = _absolute_form(target)
+            parsed = _absolute_form(target, method == "OPTIONS")
             if isinstance(parsed, Refusal):
                 return parsed
             authority, target = parsed
@@ -607,8 +607,17 @@ def _transfer_coding_refusal(lines: list[str] | tuple[str, ...], version: tuple[
     return None
 
 
-def _absolute_form(target: str) -> tuple[str, str] | Refusal:
-    """(authority, origin-form target) of an absolute-form target (RFC 9112 §3.2.2)."""
+def _absolute_form(target: str, options: bool) -> tuple[str, str] | Refusal:
+    """(authority, target to send) of an absolute-form target (RFC 9112 §3.2.2): its origin form,
+    or ``*`` for an ``options`` request with an empty path and no query, which the last proxy
+    "MUST send" in the asterisk form (RFC 9112 §3.2.4): ``OPTIONS http://a.example`` asks about
+    the server, not its ``/``.
+
+    >>> _absolute_form("http://a.example", True), _absolute_form("http://a.example?q", True)
+    (('a.example', '*'), ('a.example', '/?q'))
+    >>> _absolute_form("http://a.example", False), _absolute_form("http://a.example/", True)
+    (('a.example', '/'), ('a.example', '/'))
+    """
     scheme, sep, rest = target.partition("://")
     if not sep or scheme.lower() not in ("http", "https"):
         return Refusal(400, "malformed request target")
@@ -620,6 +629,8 @@ def _absolute_form(target: str) -> tuple[str, str] | Refusal:
     authority, path = rest[:cut], rest[cut:]
     if "@" in authority:
         return Refusal(400, "userinfo in the request target")
+    if options and not path:
+        return authority, "*"
     if not path.startswith("/"):
         path = "/" + path
     return authority, path

@@ -99,6 +99,26 @@ def test_normalise_request_accepts(case: str, target: str, fields: list[tuple[st
     assert head.headers["Host"] == head.host  # the one Host, as the key names it
 
 
+# RFC 9112 §3.2.4: an OPTIONS to an absolute-form target with an empty path and no query goes
+# on as ``OPTIONS *`` (the last proxy MUST send the asterisk form); (method, target, sent target)
+OPTIONS_FORMS = [
+    ("OPTIONS", "http://victim.example", "*"),
+    ("OPTIONS", "http://victim.example#frag", "*"),
+    ("OPTIONS", "http://victim.example?q", "/?q"),
+    ("OPTIONS", "http://victim.example/", "/"),
+    ("OPTIONS", "http://victim.example/a", "/a"),
+    ("GET", "http://victim.example", "/"),
+    ("HEAD", "http://victim.example", "/"),
+]
+
+
+@pytest.mark.parametrize(("method", "target", "sent"), OPTIONS_FORMS)
+def test_options_to_an_empty_path_is_sent_in_the_asterisk_form(method: str, target: str, sent: str) -> None:
+    head = head_of(target, HOST, method=method)
+    assert (head.target, head.host, head.headers["Host"]) == (sent, "victim.example", "victim.example")
+    assert upstream_request(head, "127.0.0.1", Forwarder()).target == sent
+
+
 REFUSED = [
     ("HTTP/1.1 without Host", "/a", [], (1, 1), 400, "missing Host"),
     ("absolute-form on HTTP/1.1 without Host", "http://a.example/", [], (1, 1), 400, "missing Host"),
