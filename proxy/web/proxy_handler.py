@@ -40,7 +40,7 @@ from proxy.logs import REQUEST, RequestInfo
 from proxy.policy.cache_status import cache_status, cut_short
 from proxy.policy.fields import ends_at_head
 from proxy.policy.messages import HeaderList, RequestHead
-from proxy.policy.request import Message, Refusal
+from proxy.policy.request import ALLOW, Message, Refusal
 from proxy.replies import Planned, upstream_detail
 from proxy.runtime import Runtime
 from proxy.storage.bodyfiles import BodyCutShort, BodyFile
@@ -344,6 +344,7 @@ async def _respond(request: web.BaseRequest, runtime: Runtime, fe: FrontEnd, inf
             fe.requests("ERROR", request.method).inc()  # refused, as the version refusals above
             info.x_cache = "ERROR"
             refused = _plain(405, "CONNECT is not supported by a reverse proxy", "ERROR", fe, info, request)
+            refused.headers["Allow"] = ALLOW  # a MUST on a 405 (RFC 9110 §15.5.6), as TRACE's has
             # The parser reads nothing after a CONNECT (it would be the tunnel's bytes, whatever
             # Content-Length said): read on, those bytes would be taken for the next request,
             # which a front end framing by Content-Length never sent (request smuggling).

@@ -72,6 +72,8 @@ async def test_nothing_after_a_connect_is_answered_and_the_connection_closes(
                 *before, ("HTTP/1.1 405 Method Not Allowed", b"CONNECT is not supported by a reverse proxy\n")
             ], (port, writes, data)
             assert got[-1][1]["connection"] == "close"
+            # a 405 MUST name the methods allowed (RFC 9110 §15.5.6): those TRACE's 405 names
+            assert got[-1][1]["allow"] == "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
     assert origin.count("/smuggled") == 0
 
 
