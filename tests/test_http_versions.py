@@ -61,3 +61,29 @@ async def test_a_1_0_client_is_answered_in_1_0_and_a_1_1_client_in_1_1(
             (answer,), _ = await exchange(port, req("GET", "/v", "Connection: keep-alive", version=version),
                                           ["GET"])
             assert (answer.status_line, answer.body) == (line, b"hello")
+
+
+ADMIN_REFUSED = {
+    "HTTP/2.0": (b"HTTP/2.0", "HTTP/1.1 505 HTTP Version Not Supported", b"HTTP/2.0 is not supported"),
+    "HTTP/0.9": (b"HTTP/0.9", "HTTP/1.1 400 Bad Request", b"HTTP/0.9 requests are not supported"),
+}
+
+
+@pytest.mark.parametrize("case", list(ADMIN_REFUSED))
+@pytest.mark.parametrize("path", ["/stats", "/metrics", "/nowhere"])
+async def test_the_admin_listener_refuses_other_versions_as_the_client_listener_does(
+        make_proxy: MakeProxy, case: str, path: str) -> None:
+    """The admin listener answered ``GET /stats HTTP/2.0`` with ``HTTP/2.0 200 OK`` and an
+    HTTP/1 head (``HTTP/0.9 200 OK`` for 0.9): now the same refusal as the client listener's,
+    in HTTP/1.1, before any route, and the connection closes."""
+    proxy = await make_proxy()
+    port = proxy.listeners.admin_addresses[0][1]
+    version, status_line, text = ADMIN_REFUSED[case]
+    got = await until_close(port, b"GET %s %s\r\nHost: 127.0.0.1\r\n\r\n" % (path.encode(), version))
+    head, _, body = got.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    assert lines[0] == status_line, got
+    assert "Connection: close" in lines and "Transfer-Encoding: chunked" not in lines
+    assert text in body
+    ok = await until_close(port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    assert ok.startswith(b"HTTP/1.1 200 OK\r\n")  # (1.x is served as before)

@@ -94,7 +94,7 @@ from proxy.web.admin_guard import (
 )
 from proxy.web.bodyreader import BodyReader
 from proxy.web.console import CONSOLE, CSRF_HEADER, console_access, setup_console
-from proxy.web.heads import asks_to_close, ends_connection
+from proxy.web.heads import asks_to_close, ends_connection, from_response, version_refusal
 
 log = logging.getLogger("cachegate.admin")
 
@@ -372,6 +372,21 @@ async def chunked_body_middleware(request: web.Request, handler: Handler) -> web
     if ends_connection(request.headers):
         resp.force_close()
     return resp
+
+
+@web.middleware
+async def version_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A request line in a version this listener does not speak (``HTTP/2.0``, ``HTTP/0.9``) is
+    refused before any route, token or guard, as the client listener refuses it
+    (``heads.version_refusal``), in HTTP/1.1, and the connection closes: it was answered
+    ``HTTP/2.0 200 OK`` with an HTTP/1 head."""
+    if request.version[0] == 1 or (refused := version_refusal(request.version)) is None:
+        return await handler(request)
+    log.info("admin: refused %s %s from %s: %d %s", _shown_method(request), _shown_path(request),
+             request.remote, *refused)
+    response = from_response(json_error(*refused), request.method)
+    response.force_close()  # nothing more on this connection is read as HTTP/1.x
+    return response
 
 
 @web.middleware
@@ -845,8 +860,9 @@ def create_admin_app(runtime: Runtime, purge_fn: PurgeFn | None = None,
     def refused(request: web.Request, reason: RefusalReason) -> None:
         runtime.metrics.admin_refused.labels(reason).inc()
 
-    app = web.Application(middlewares=[audit_middleware, chunked_body_middleware, error_middleware,
-                                       bearer_middleware, guard_middleware(guard_settings, refused),
+    app = web.Application(middlewares=[audit_middleware, version_middleware, chunked_body_middleware,
+                                       error_middleware, bearer_middleware,
+                                       guard_middleware(guard_settings, refused),
                                        auth_middleware],
                           client_max_size=MAX_BODY)
     ctx = AdminContext(runtime, purge_fn or runtime.purge,

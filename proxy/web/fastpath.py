@@ -1067,7 +1067,7 @@ def parser_refusal(exc: HttpProcessingError) -> tuple[int, str]:
     nginx answers (a list ending in ``chunked`` parses, and ``proxy.policy.request``
     refuses it with 400). Too many fields is 431 (RFC 6585). A version llhttp does not parse
     whose major is not 1 (``HTTP/3.0``) is 505, as the general path answers ``HTTP/2.0``
-    (``proxy_handler.version_refusal``); a 1.x one it refuses (``HTTP/1.2``) stays 400.
+    (``heads.version_refusal``); a 1.x one it refuses (``HTTP/1.2``) stays 400.
     llhttp refuses a method it does not know (``BREW``, ``get``: methods are case-sensitive)
     as "Invalid method", and one that begins with a method it knows (``GETX``, ``POSTS``,
     ``PURGEX``: it matches known names letter by letter) as "Expected space after method": a

@@ -80,8 +80,30 @@ def reply_version(version: tuple[int, int]) -> tuple[int, int]:
     """The version a reply to a request of ``version`` is framed and labelled in: HTTP/1.0 to a
     1.0 client, else HTTP/1.1, the highest this server speaks (RFC 9110 §6.2: never an echo
     of a version it does not implement, such as a request line's ``HTTP/2.0`` or ``HTTP/0.9``,
-    which are refused: ``proxy_handler.version_refusal``)."""
+    which are refused: ``version_refusal``)."""
     return HttpVersion10 if version == HttpVersion10 else HttpVersion11
+
+
+def version_refusal(version: tuple[int, int]) -> tuple[int, str] | None:
+    """The answer to a request line in a version cachegate does not speak, or None (1.0, 1.1).
+
+    aiohttp's parser takes ``HTTP/2.0`` and ``HTTP/0.9`` (a request line without a version
+    too) and used to have them answered as if they were spoken, labelled in their version:
+    ``HTTP/2.0 200 OK`` with a chunked body, ``HTTP/0.9 200 OK`` with fields. Another major
+    version is 505 (RFC 9110 §15.6.6; an HTTP/2 client uses the preface or ALPN, never an
+    HTTP/1 request line); HTTP/0.9 is 400 (RFC 9112 §2.3: its simple requests are not HTTP/1.x
+    and have no head to answer in). Either way the connection closes after the answer. Both
+    listeners ask this (the client one in ``proxy_handler``, the admin one in a middleware:
+    ``admin.version_middleware``).
+
+    >>> version_refusal((1, 1)), version_refusal((2, 0))[0], version_refusal((0, 9))[0]
+    (None, 505, 400)
+    """
+    if version[0] != 1:
+        if version == (0, 9):
+            return 400, "HTTP/0.9 requests are not supported"
+        return 505, f"HTTP/{version[0]}.{version[1]} is not supported: this server speaks HTTP/1.1"
+    return None
 
 
 def status_line(version: tuple[int, int], status: int, reason: str) -> str:
@@ -281,4 +303,4 @@ def from_response(resp: web.StreamResponse, method: str, version: tuple[int, int
 
 
 __all__ = ["Framing", "ReplyResponse", "closing", "ends_connection", "frame", "from_response", "plain_reply",
-           "reply_version", "serialise", "status_line"]
+           "reply_version", "serialise", "status_line", "version_refusal"]

@@ -47,7 +47,7 @@ from proxy.storage.bodyfiles import BodyCutShort, BodyFile
 from proxy.web.admin import purge_method
 from proxy.web.bodyreader import BodyReader
 from proxy.web.frontend import Front, FrontEnd
-from proxy.web.heads import ReplyResponse, from_response, plain_reply, serialise
+from proxy.web.heads import ReplyResponse, from_response, plain_reply, serialise, version_refusal
 
 log = logging.getLogger("cachegate.proxy")
 
@@ -76,26 +76,6 @@ def client_head(request: web.BaseRequest, front: FrontEnd, trusted: bool
         return head, planned
     message = Message(request.method, request.raw_path, request.version, request.headers)
     return front.head(message, request.secure, trusted), None
-
-
-def version_refusal(version: tuple[int, int]) -> tuple[int, str] | None:
-    """The answer to a request line in a version cachegate does not speak, or None (1.0, 1.1).
-
-    aiohttp's parser takes ``HTTP/2.0`` and ``HTTP/0.9`` (a request line without a version
-    too) and used to have them answered as if they were spoken, labelled in their version:
-    ``HTTP/2.0 200 OK`` with a chunked body, ``HTTP/0.9 200 OK`` with fields. Another major
-    version is 505 (RFC 9110 §15.6.6; an HTTP/2 client uses the preface or ALPN, never an
-    HTTP/1 request line); HTTP/0.9 is 400 (RFC 9112 §2.3: its simple requests are not HTTP/1.x
-    and have no head to answer in). Either way the connection closes after the answer.
-
-    >>> version_refusal((1, 1)), version_refusal((2, 0))[0], version_refusal((0, 9))[0]
-    (None, 505, 400)
-    """
-    if version[0] != 1:
-        if version == (0, 9):
-            return 400, "HTTP/0.9 requests are not supported"
-        return 505, f"HTTP/{version[0]}.{version[1]} is not supported: this server speaks HTTP/1.1"
-    return None
 
 
 def interim_sender(request: web.BaseRequest, continued: bool = False
