@@ -7,6 +7,7 @@ it, in order, framed in the client's version and without echoing its bytes."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 from aiohttp import web
@@ -158,36 +159,43 @@ async def test_a_half_closed_client_gets_every_answer_then_the_close(origin: Ori
     assert origin.count("/m") == 10
 
 
-# (requests before the refused one, their bodies, the refused request, the reason in the 400)
+# (requests before the refused one, their bodies, the refused request, the reason in the 400;
+# what the log line adds: the field's name, or the request line's method and path)
 REFUSED = {
     "duplicate Host behind two hits": (
         req("GET", "/a") + req("GET", "/b"), [b"a", b"b"],
-        b"GET /x HTTP/1.1\r\nHost: example.test\r\nHost: other.test\r\n\r\n", b"duplicate Host header"),
+        b"GET /x HTTP/1.1\r\nHost: example.test\r\nHost: other.test\r\n\r\n", b"duplicate Host header", ""),
     "obs-fold behind a miss": (
         req("GET", "/m?fold"), [b"m"], b"GET /x HTTP/1.1\r\nHost: example.test\r\nX: a\r\n b\r\n\r\n",
-        b"folded header line"),
+        b"folded header line", ""),
     "a bad field name behind a POST": (
         b"POST /post HTTP/1.1\r\nHost: example.test\r\nContent-Length: 2\r\n\r\nab", [b"got ab"],
-        b"GET /x HTTP/1.1\r\nHo st: x\r\n\r\n", b"invalid character in a header field name"),
+        b"GET /x HTTP/1.1\r\nHo st: x\r\n\r\n", b"invalid character in a header field name", ""),
     "a method that is not a token, behind a hit": (
         req("GET", "/a"), [b"a"], b"P@ST /y?tok=SECRET2 HTTP/1.1\r\nHost: example.test\r\nCookie: c=SECRET3\r\n\r\n",
-        b"invalid request line"),
+        b"invalid request line", " (P@ST /y)"),
     "a method that is not a token, alone": (
         b"", [], b"G@T /account?session=SECRET123 HTTP/1.1\r\nHost: example.test\r\n\r\n",
-        b"invalid request line"),
+        b"invalid request line", " (G@T /account)"),
     "a control character in a Cookie, alone": (
         b"", [], b"GET /x HTTP/1.1\r\nHost: example.test\r\nCookie: session=SECRET123\x01\r\n\r\n",
-        b"invalid character in a header field value"),
+        b"invalid character in a header field value", " (in the Cookie field)"),
+    "a bare CR in an Authorization, behind a hit": (
+        req("GET", "/a"), [b"a"], b"GET /x HTTP/1.1\r\nHost: example.test\r\nAuthorization: Bearer SECRET4\rx\r\n\r\n",
+        b"bad line ending", " (in the Authorization field)"),
 }
 
 
 @pytest.mark.parametrize("case", list(REFUSED))
 async def test_a_request_the_parser_refuses_is_answered_after_the_ones_before_it(
-        origin: Origin, make_proxy: MakeProxy, case: str) -> None:
+        origin: Origin, make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture, case: str) -> None:
     """RFC 9112 §9.3.2: responses come in the order of the requests. aiohttp's parser refused the
     whole read, and a lone 400 went out (which the client takes for the first request's answer),
-    labelled HTTP/1.0 and quoting the refused line (a Cookie's value, say)."""
-    before, bodies, refused, reason = REFUSED[case]
+    labelled HTTP/1.0 and quoting the refused line (a Cookie's value, say). The log line says what
+    was wrong and where (a field's name, a request line's method and path), never a value: it
+    quoted the parser's message, a Cookie's value or a query's token with it."""
+    caplog.set_level(logging.DEBUG)
+    before, bodies, refused, reason, where = REFUSED[case]
     p = await proxies(origin, make_proxy)
     for port in (p.fast_port, p.general_port):
         data = await until_eof(port, before + refused)
@@ -198,6 +206,10 @@ async def test_a_request_the_parser_refuses_is_answered_after_the_ones_before_it
         assert fields["connection"] == "close"
         assert body.startswith(b"400 Bad Request: malformed request: " + reason)
         assert b"SECRET" not in data and b"example.test" not in body
+    logged = [r.getMessage() for r in caplog.records]
+    assert not [line for line in logged if "SECRET" in line]
+    said = [line for line in logged if f"malformed request: {reason.decode()}" in line]
+    assert said and all(line.endswith(where) for line in said), logged
     assert origin.count("/post") == (2 if "POST" in case else 0)
 
 
@@ -340,3 +352,19 @@ async def test_a_head_in_pieces_with_a_version_is_answered(origin: Origin, make_
     for port in (p.fast_port, p.general_port):
         got = answers(await until_eof_in_pieces(port, pieces))
         assert [(a[0], a[2]) for a in got] == [("HTTP/1.1 200 OK", b) for b in bodies], port
+
+
+async def test_a_request_the_admin_parser_refuses_is_logged_without_its_values(
+        origin: Origin, make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture) -> None:
+    """The admin listener's line about a request its parser refused quoted the refused line: the
+    admin token of a malformed Authorization (at DEBUG). Now the field's name, not its value."""
+    caplog.set_level(logging.DEBUG)
+    proxy = await make_proxy()
+    port = proxy.listeners.admin_addresses[0][1]
+    data = await until_eof(port, b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                 b"Authorization: Bearer SECRET5\x01\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 400 ") or data.startswith(b"HTTP/1.0 400 "), data
+    logged = [r.getMessage() for r in caplog.records]
+    assert not [line for line in logged if "SECRET" in line]
+    assert [line for line in logged if line.endswith(
+        "malformed request: invalid character in a header field value (in the Authorization field)")], logged

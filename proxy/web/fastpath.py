@@ -84,7 +84,7 @@ from typing import Any, NamedTuple
 
 from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion10, HttpVersion11
-from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, InvalidURLError, LineTooLong
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, InvalidURLError
 from aiohttp.http_parser import HttpRequestParser
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import ERROR, RequestHandler, RequestPayloadError, _ErrInfo
@@ -96,13 +96,7 @@ from proxy.logs import Summarised
 from proxy.metrics import REFUSED_METHOD, FastPathState
 from proxy.policy.cache_status import cache_status
 from proxy.policy.messages import RequestHead
-from proxy.policy.request import (
-    INVALID_CONTENT_LENGTH,
-    LENGTH_AND_CODING,
-    LineOpen,
-    normalise_request,
-    simple_request,
-)
+from proxy.policy.request import LineOpen, normalise_request, simple_request
 from proxy.replies import Planned
 from proxy.room import store_files
 from proxy.rules import RequestPlan, RuleSet
@@ -115,6 +109,7 @@ from proxy.web.frontend import Front, FrontEnd
 from proxy.web.heads import asks_to_close, from_response
 from proxy.web.headtimeout import LimitedHandler, LimitedServer, empty_lines, unfinished_head
 from proxy.web.proxy_handler import UnbuildableRequest, sendfile_now
+from proxy.web.refusals import refusal_reason
 
 log = logging.getLogger("cachegate.proxy")
 
@@ -1091,44 +1086,6 @@ def parser_refusal(exc: HttpProcessingError) -> tuple[int, str]:
     if "Too many headers" in first:
         return 431, "431 Request Header Fields Too Large: too many header fields\n"
     return 400, f"400 Bad Request: {refusal_reason(exc)}\n"
-
-
-# What the parser found wrong, by the first line of its message (llhttp's reason), named in
-# words of our own: the rest of its message quotes the request's bytes (a Cookie's value, say),
-# which a reply must not echo back (a proxy between could log or cache it).
-_REASONS = (
-    ("http/0.9 request", "HTTP/0.9 request (a request line without a version)"),
-    ("duplicate 'host'", "duplicate Host header"),
-    ("missing 'host'", "missing Host header"),
-    ("transfer-encoding can't be present with content-length", LENGTH_AND_CODING),  # (as explain says
-    ("content-length", INVALID_CONTENT_LENGTH),                                     # them: framing_refusal)
-    ("transfer-encoding", "invalid Transfer-Encoding"),
-    ("chunk", "invalid chunked body"),
-    ("whitespace after header value", "folded header line (obs-fold) or stray whitespace"),
-    ("invalid header token", "invalid character in a header field name"),
-    ("invalid header value char", "invalid character in a header field value"),
-    ("https traffic", "TLS on a plain HTTP port"),
-    ("bad status line", "invalid request line"),
-    ("invalid method", "invalid request line"),
-    ("expected space after method", "invalid request line"),
-    ("http version", "invalid request line"),
-    ("expected lf", "bad line ending"),
-    ("expected cr", "bad line ending"),
-    ("data after `connection: close`", "data after a request that closes the connection"),
-)
-
-
-def refusal_reason(exc: HttpProcessingError) -> str:
-    """A fixed text naming what is wrong with a request the parser refused (never its bytes)."""
-    if isinstance(exc, InvalidURLError):
-        return "malformed request target"
-    if isinstance(exc, LineTooLong):
-        return "malformed request: request line or header field too long"
-    first = str(exc.message).split("\n", 1)[0].lower()
-    for marker, reason in _REASONS:
-        if marker in first:
-            return f"malformed request: {reason}"
-    return "malformed request"
 
 
 # aiohttp's C request parser counts a request into its queue when its body ends; its pure-Python

@@ -38,6 +38,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from proxy.paused import PAUSE_GRACE, late
 from proxy.web.lingering import Lingering
+from proxy.web.refusals import refusal_logged
 
 log = logging.getLogger("cachegate.server")
 
@@ -939,7 +940,7 @@ class CappedHandler(LimitedHandler):
         else:
             first = text.strip().strip("'\"").splitlines()[0].rstrip(":") if text.strip() else repr(exc)
             why = f"the request could not be parsed: {first}"
-        log.debug("admin request from %s refused by the parser: %s", self.peername, text)
+        log.debug("admin request from %s refused by the parser: %s", self.peername, refusal_logged(exc))
         response = web.json_response({"error": why}, status=status,
                                      headers={"Server": self._server_header()})
         response.force_close()

@@ -48,6 +48,7 @@ from proxy.web.admin import purge_method
 from proxy.web.bodyreader import BodyReader
 from proxy.web.frontend import Front, FrontEnd
 from proxy.web.heads import ReplyResponse, from_response, plain_reply, serialise, version_refusal
+from proxy.web.refusals import refusal_logged
 
 log = logging.getLogger("cachegate.proxy")
 
@@ -173,14 +174,16 @@ class _ClientErrorFilter(logging.Filter):
     """aiohttp logs every malformed client request at ERROR with a traceback.
 
     Hostile or broken clients must not be able to flood the log with tracebacks:
-    their requests are answered 400 and noted in one line at INFO.
+    their requests are answered 400 and noted in one line at INFO, in words of our own
+    (``refusal_logged``): the parser's message quotes the refused line, and a header's value
+    (a Cookie, an Authorization) or a query's token was written to the log with it.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if not isinstance(exc, HttpProcessingError):
             return True
-        text = f"{record.getMessage()}: {' '.join(str(exc.message).split())}"
+        text = f"{record.getMessage()}: {refusal_logged(exc)}"
         record.msg, record.args = "%s", (text,)
         record.levelno, record.levelname = logging.INFO, "INFO"
         record.exc_info = record.exc_text = None
