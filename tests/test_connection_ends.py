@@ -363,8 +363,45 @@ async def test_a_request_the_admin_parser_refuses_is_logged_without_its_values(
     port = proxy.listeners.admin_addresses[0][1]
     data = await until_eof(port, b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                                  b"Authorization: Bearer SECRET5\x01\r\n\r\n")
-    assert data.startswith(b"HTTP/1.1 400 ") or data.startswith(b"HTTP/1.0 400 "), data
+    assert data.startswith(b"HTTP/1.1 400 "), data
     logged = [r.getMessage() for r in caplog.records]
     assert not [line for line in logged if "SECRET" in line]
     assert [line for line in logged if line.endswith(
         "malformed request: invalid character in a header field value (in the Authorization field)")], logged
+
+
+HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+ADMIN_SIMPLE = b"GET /stats\r\n"
+# (the reads, how many answers come before the 400; None: no 400, the head is whole in the end)
+ADMIN_HEADS = {
+    "alone": ((ADMIN_SIMPLE,), 0),
+    "in pieces, after an empty line": ((b"\r\nGE", b"T /st", b"ats\r", b"\n"), 0),
+    "behind a request, in its read": ((HEALTHZ + ADMIN_SIMPLE,), 1),
+    "behind a request, in a read of its own": ((HEALTHZ, ADMIN_SIMPLE), 1),
+    "the version in the next read": ((b"GET /healthz HT", b"TP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"),
+                                     None),
+    "a field split after a request": ((HEALTHZ + b"GET /healthz HTTP/1.1\r\nX-A: ",
+                                       b"bc d\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"), None),
+}
+
+
+@pytest.mark.parametrize("case", list(ADMIN_HEADS))
+async def test_the_admin_listener_refuses_an_http_0_9_request_at_the_end_of_its_line(
+        origin: Origin, make_proxy: MakeProxy, case: str) -> None:
+    """The admin listener held ``GET /stats`` CRLF (an HTTP/0.9 request, whose client then waits)
+    until client_header_timeout (60 s) with nothing sent; the client listener answers 400 at
+    once. Now the same check (``HeadTimedHandler.first_line``) on the admin listener: the 400
+    after the answers before it, and the connection closes. A head merely slow to arrive is
+    still answered."""
+    proxy = await make_proxy()
+    port = proxy.listeners.admin_addresses[0][1]
+    pieces, before = ADMIN_HEADS[case]
+    data = await until_eof_in_pieces(port, pieces)
+    got = answers(data)
+    if before is None:
+        assert [a[0] for a in got] == ["HTTP/1.1 200 OK"] * (len(got)), data
+        assert len(got) == 1 + (b"X-A" in pieces[0])
+        return
+    assert [a[0] for a in got] == ["HTTP/1.1 200 OK"] * before + ["HTTP/1.1 400 Bad Request"], data
+    assert got[-1][1]["connection"] == "close"
+    assert b"HTTP/0.9" in got[-1][2]

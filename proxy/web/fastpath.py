@@ -84,7 +84,7 @@ from typing import Any, NamedTuple
 
 from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion10, HttpVersion11
-from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, InvalidURLError
+from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError
 from aiohttp.http_parser import HttpRequestParser
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import ERROR, RequestHandler, RequestPayloadError, _ErrInfo
@@ -96,7 +96,7 @@ from proxy.logs import Summarised
 from proxy.metrics import REFUSED_METHOD, FastPathState
 from proxy.policy.cache_status import cache_status
 from proxy.policy.messages import RequestHead
-from proxy.policy.request import LineOpen, normalise_request, simple_request
+from proxy.policy.request import normalise_request
 from proxy.replies import Planned
 from proxy.room import store_files
 from proxy.rules import RequestPlan, RuleSet
@@ -107,7 +107,7 @@ from proxy.storage.memory import Cached
 from proxy.web.fastheads import HEAD_ONLY, NOT_MODIFIED, HeadShapes
 from proxy.web.frontend import Front, FrontEnd
 from proxy.web.heads import asks_to_close, from_response
-from proxy.web.headtimeout import LimitedHandler, LimitedServer, empty_lines, unfinished_head
+from proxy.web.headtimeout import Discarding, LimitedHandler, LimitedServer, empty_lines, unfinished_head
 from proxy.web.proxy_handler import UnbuildableRequest, sendfile_now
 from proxy.web.refusals import refusal_reason
 
@@ -329,7 +329,7 @@ class ProxyRequestHandler(LimitedHandler):
     """aiohttp's ``RequestHandler`` that answers fresh hits itself (see the module docstring)."""
 
     __slots__ = ("_answered", "_begun", "_body", "_boundary", "_fast", "_front",
-                 "_head_bytes", "_head_max", "_late", "_line", "_parser_args", "_refused_version", "_taken",
+                 "_head_bytes", "_head_max", "_late", "_parser_args", "_refused_version", "_taken",
                  "declined", "gone_logged")
 
     def __init__(self, manager: web.Server, *, fast: FastPath | None, front: Front, **kwargs: Any) -> None:
@@ -359,9 +359,6 @@ class ProxyRequestHandler(LimitedHandler):
         self._body: Any = None
         # The bytes after a body's end that began the next head in the same read (``body_ended``).
         self._begun = b""
-        # The start of an unfinished head's request line, while it may still be an HTTP/0.9 one
-        # (``_first_line``); b"": a head starts at the next byte; None: settled, or not known.
-        self._line: bytes | None = b""
         # The version of the request line of a request the parser refused (``_refusal``): the
         # message aiohttp hands ``handle_error`` for it says HTTP/1.0 whatever the client sent.
         self._refused_version: tuple[int, int] = HttpVersion11
@@ -548,7 +545,7 @@ class ProxyRequestHandler(LimitedHandler):
         """After a read that did not end between two requests: the bytes it leaves of a head
         not whole yet. ``before``: the request count before it; ``body``: the body that may have
         been coming then (``_body``). Where that head is known to begin, its request line is
-        looked at until it is settled (``_first_line``)."""
+        looked at until it is settled (``first_line``)."""
         line = self._line
         self._line = None
         begun, self._begun = self._begun, b""
@@ -563,7 +560,7 @@ class ProxyRequestHandler(LimitedHandler):
                 if empty_lines(rest):  # (empty lines after a request begin no head: RFC 9112 §2.2)
                     self._head_bytes = 0
                 else:
-                    self._first_line(rest)
+                    self.first_line(rest)
         elif body is not None:
             # Body bytes. If the body ended in this read, what followed its end, when a head
             # begun (``body_ended``), is that head's.
@@ -571,13 +568,13 @@ class ProxyRequestHandler(LimitedHandler):
                 self._body = None
             self._head_bytes = len(begun)
             if begun:
-                self._first_line(begun)
+                self.first_line(begun)
         elif self._upgraded:
             pass
         elif self._head_bytes or not empty_lines(data):
             self._head_bytes += len(data)
             if line is not None:
-                self._first_line(line + data)
+                self.first_line(line + data)
         else:
             # Empty lines before a request line begin no head (RFC 9112 §2.2): a head would
             # still start at the next byte.
@@ -590,20 +587,6 @@ class ProxyRequestHandler(LimitedHandler):
         super().body_ended(rest)
         if self._head_open:
             self._begun = rest
-
-    def _first_line(self, start: bytes) -> None:
-        """``start``, the beginning of a head not whole yet: refused at once if its request line
-        has ended without a version (an HTTP/0.9 simple request: ``simple_request``), else kept
-        while that is not settled. Only reads that leave a head unfinished come here."""
-        if self._close or self._force_close or self._parser is None or isinstance(self._parser, _Discarding):
-            return
-        found = simple_request(start)
-        if isinstance(found, LineOpen):
-            self._line = found.kept
-        elif found:
-            log.debug("an HTTP/0.9 request from %s: 400, connection closed", self.peername)
-            self._refuse(BadHttpMessage(SIMPLE_REQUEST), None)
-            self.head_ended()
 
     def _after_head(self, data: bytes) -> int:
         """The bytes of ``data`` after the end of the last head it ended (a request was handed
@@ -637,7 +620,7 @@ class ProxyRequestHandler(LimitedHandler):
                 self.data_received(rest)  # (all of it may be head bytes: under the cap)
                 return
             if (self._body is not None or self._upgraded or self._force_close or self._close
-                    or self._parser is None or isinstance(self._parser, _Discarding)):
+                    or self._parser is None or isinstance(self._parser, Discarding)):
                 self._received_counted(rest)  # not head bytes (a body), or nothing to refuse
                 return
             if self._buffer_paused:
@@ -681,7 +664,7 @@ class ProxyRequestHandler(LimitedHandler):
         # (the request line's version when this read began the head; else HTTP/1.1)
         self._refused_version = _line_version(piece) if piece else HttpVersion11
         self._enqueue([(_ErrInfo(status=431, exc=err, message=why + "\n"), EMPTY_PAYLOAD)], False, b"")
-        self._discard_rest()
+        self.discard_rest()
         self._head_bytes = 0
         self.head_ended()
 
@@ -697,7 +680,7 @@ class ProxyRequestHandler(LimitedHandler):
                 or self._upgraded or self._paused or self._parser is None or self.transport is None):
             boundary = self._boundary
             if boundary:
-                self._line = b""  # a head starts with this read (``_first_line``)
+                self._line = b""  # a head starts with this read (``first_line``)
             count = self._request_count
             self._answered = False
             self._boundary = False
@@ -751,7 +734,7 @@ class ProxyRequestHandler(LimitedHandler):
                 if (feed is data and not empty_lines(data)) or unfinished_head(data):
                     self.head_begun()  # a head not whole yet (``headtimeout``)
                     if boundary and feed is data:
-                        self._line = b""  # it starts with this read (``_first_line``)
+                        self._line = b""  # it starts with this read (``first_line``)
                 return
             if self._head_handle is not None:
                 self.head_ended()
@@ -910,7 +893,7 @@ class ProxyRequestHandler(LimitedHandler):
                 and (messages[-1][0].should_close or asks_to_close(messages[-1][0].version,
                                                                    messages[-1][0].headers))):
             messages.append(self._refusal(refused, piece))
-        self._discard_rest()
+        self.discard_rest()
         self._enqueue(messages, False, b"")
 
     def _parsed_until_refused(self, data: bytes
@@ -948,6 +931,10 @@ class ProxyRequestHandler(LimitedHandler):
             start = end
         return None
 
+    def refuse_simple_request(self, exc: HttpProcessingError) -> None:
+        """``HeadTimedHandler.first_line``'s refusal, after the requests before it (``_refuse``)."""
+        self._refuse(exc, None)
+
     def _refusal(self, exc: HttpProcessingError, piece: bytes | None) -> tuple[Any, Any]:
         """The queue entry for a request the parser refused (answered by ``handle_error``), in
         the version of its request line when ``piece`` shows it (else HTTP/1.1)."""
@@ -957,7 +944,7 @@ class ProxyRequestHandler(LimitedHandler):
     def _refuse(self, exc: HttpProcessingError, piece: bytes | None) -> None:
         """The 400 alone; the connection's parser then discards what comes (the reply closes)."""
         self._fail_body(exc)
-        self._discard_rest()
+        self.discard_rest()
         self._enqueue([self._refusal(exc, piece)], False, b"")
 
     def _fail_body(self, exc: BaseException) -> None:
@@ -986,12 +973,6 @@ class ProxyRequestHandler(LimitedHandler):
                 else:
                     body.set_exception(BodyRefused(status, text.rstrip("\n")))
 
-    def _discard_rest(self) -> None:
-        """Nothing more on this connection is parsed: what comes is dropped (``_Discarding``), and
-        the connection's close after its refusal lingers (``LimitedHandler.input_pending``)."""
-        self._parser = _Discarding()  # type: ignore[assignment]
-        self._unread = True
-
     def _refuse_unparsable(self, exc: Exception) -> None:
         """A request the parser failed on with something other than its own refusal: yarl raises
         IndexError for a request target such as ``http://[::1]@``, which aiohttp lets through
@@ -1016,8 +997,6 @@ class ProxyRequestHandler(LimitedHandler):
             self._message_tail = tail
 
 
-# The parser's words for an HTTP/0.9 request (``_first_line``), as ``refusal_reason`` knows them.
-SIMPLE_REQUEST = "HTTP/0.9 request: a request line without a version"
 _VERSION = re.compile(r"HTTP/(\d+)\.\d+'")  # the refused version, in the parser's quote of the line
 # A method token (RFC 9110 §9.1, §5.6.2: tchar), at the start of the parser's quote of the line.
 _METHOD = re.compile(r"\n\n  b['\"]([!#$%&'*+.^_`|~0-9A-Za-z-]+) ")
@@ -1030,26 +1009,6 @@ def _data_after_close(refused: object) -> bool:
         refused = refused.exc
     return isinstance(refused, HttpProcessingError) and "Data after `Connection: close`" in str(
         refused.message)
-
-
-class _Discarding:
-    """A connection's parser once a request closing it was parsed with bytes after it: those and
-    whatever else arrives are ignored (RFC 9112 §9.6), never answered 400."""
-
-    def feed_data(self, data: bytes) -> tuple[tuple[()], bool, bytes]:
-        return (), False, b""
-
-    def feed_eof(self) -> None:
-        return None
-
-    def message_consumed(self) -> None:
-        pass
-
-    def set_upgraded(self, value: bool) -> None:
-        pass
-
-    def pause_reading(self) -> None:
-        pass
 
 
 def parser_refusal(exc: HttpProcessingError) -> tuple[int, str]:

@@ -32,21 +32,47 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.http import HttpVersion11
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 from aiohttp.streams import EMPTY_PAYLOAD
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from proxy.paused import PAUSE_GRACE, late
+from proxy.policy.request import LineOpen, simple_request
+from proxy.web.heads import from_response
 from proxy.web.lingering import Lingering
 from proxy.web.refusals import refusal_logged
 
 log = logging.getLogger("cachegate.server")
 
+# The parser's words for an HTTP/0.9 request (``first_line``), as ``refusal_reason`` knows them.
+SIMPLE_REQUEST = "HTTP/0.9 request: a request line without a version"
+
+
+class Discarding:
+    """A connection's parser once a request closing it was parsed with bytes after it: those and
+    whatever else arrives are ignored (RFC 9112 §9.6), never answered 400."""
+
+    def feed_data(self, data: bytes) -> tuple[tuple[()], bool, bytes]:
+        return (), False, b""
+
+    def feed_eof(self) -> None:
+        return None
+
+    def message_consumed(self) -> None:
+        pass
+
+    def set_upgraded(self, value: bool) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
 
 class HeadTimedHandler(RequestHandler):
     """aiohttp's ``RequestHandler`` with a limit on how long one request head may take."""
 
-    __slots__ = ("_head_handle", "_head_open", "_head_timeout", "_unread")
+    __slots__ = ("_head_handle", "_head_open", "_head_timeout", "_line", "_unread")
 
     def __init__(self, manager: web.Server, *, head_timeout: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -59,6 +85,9 @@ class HeadTimedHandler(RequestHandler):
         # and what follows it): it may still be sending when the connection closes, which then
         # lingers (``LimitedHandler.input_pending``).
         self._unread = False
+        # The start of an unfinished head's request line, while it may still be an HTTP/0.9 one
+        # (``first_line``); b"": a head starts at the next byte; None: settled, or not known.
+        self._line: bytes | None = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -116,6 +145,39 @@ class HeadTimedHandler(RequestHandler):
             # The read ended the body: the next head begun behind it, after pipelined bytes
             # (a head begun there was left to the keep-alive timer, which closed it unanswered).
             self.body_ended(after_body(data, *body, had))
+
+    def first_line(self, start: bytes) -> None:
+        """``start``, the beginning of a head not whole yet: refused at once if its request line
+        has ended without a version (an HTTP/0.9 simple request: ``simple_request``), else kept
+        in ``_line`` while that is not settled. Each listener's handler calls it where it knows
+        a head begins and only for reads that leave a head unfinished (the client listener's
+        ``ProxyRequestHandler._count``, the admin one's ``CappedHandler.head_checked``)."""
+        if self._close or self._force_close or self._parser is None or self._unread:
+            return  # (``_unread``: nothing more is parsed on this connection)
+        found = simple_request(start)
+        if isinstance(found, LineOpen):
+            self._line = found.kept
+        elif found:
+            log.debug("an HTTP/0.9 request from %s: 400, connection closed", self.peername)
+            self.refuse_simple_request(BadHttpMessage(SIMPLE_REQUEST))
+            self.head_ended()
+
+    def refuse_simple_request(self, exc: HttpProcessingError) -> None:
+        """The 400 for ``exc`` queued after the requests before it, as aiohttp queues a request
+        its parser refused (``handle_error`` answers it and closes the connection), and nothing
+        more parsed (``discard_rest``)."""
+        self.discard_rest()
+        self._messages.append((_ErrInfo(status=400, exc=exc, message=exc.message), EMPTY_PAYLOAD))
+        self._request_count += 1
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def discard_rest(self) -> None:
+        """Nothing more on this connection is parsed: what comes is dropped (``Discarding``), and
+        the connection's close after its refusal lingers (``LimitedHandler.input_pending``)."""
+        self._parser = Discarding()  # type: ignore[assignment]
+        self._unread = True
 
     def body_ended(self, rest: bytes) -> None:
         """A read ended the body being read; ``rest``: its bytes after that body's end (b"" when
@@ -911,6 +973,37 @@ class CappedHandler(LimitedHandler):
         super().__init__(manager, **kwargs)
         self._server_header = server_header  # the operator's Server field, not aiohttp's
 
+    def head_checked(self, before: int, data: bytes, body: tuple[Any, Any] | None = None,
+                     had: int = 0) -> None:
+        """``HeadTimedHandler``'s, and a head's request line looked at where this read shows
+        where the head begins (``first_line``: an HTTP/0.9 line is answered 400 at once, as on
+        the client listener, not left to client_header_timeout): at the start of the connection
+        or after a read that ended between two requests (``_line`` b""), behind a request
+        without a body in the same read, or after a body's end (``body_ended``). Admin requests
+        are few: this costs a slice per read, where the client listener counts raw head bytes."""
+        line, self._line = self._line, None
+        super().head_checked(before, data, body, had)
+        if not data or self._unread:
+            self._line = line
+        elif self._request_count != before:
+            messages = self._messages
+            last = messages[-1][1] if messages else EMPTY_PAYLOAD
+            if last is EMPTY_PAYLOAD:
+                end = data.rfind(b"\r\n\r\n")
+                rest = data[end + 4:] if end != -1 else b""
+                if unfinished_head(data) and end != -1:
+                    self.first_line(rest)
+                elif not rest.strip(b"\r\n"):
+                    self._line = b""  # between two requests: a head starts at the next byte
+        elif body is None and line is not None and not self._reading_body():
+            self.first_line(line + data)
+
+    def body_ended(self, rest: bytes) -> None:
+        """``HeadTimedHandler``'s, and the request line of a head begun in ``rest`` looked at."""
+        super().body_ended(rest)
+        if self._head_open:
+            self.first_line(rest)
+
     async def _handle_request(self, request: web.BaseRequest, start_time: float | None,
                               request_handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
                               ) -> tuple[web.StreamResponse, bool]:
@@ -941,8 +1034,11 @@ class CappedHandler(LimitedHandler):
             first = text.strip().strip("'\"").splitlines()[0].rstrip(":") if text.strip() else repr(exc)
             why = f"the request could not be parsed: {first}"
         log.debug("admin request from %s refused by the parser: %s", self.peername, refusal_logged(exc))
-        response = web.json_response({"error": why}, status=status,
-                                     headers={"Server": self._server_header()})
+        # In HTTP/1.1 (``heads.reply_version``): aiohttp hands a placeholder message that says
+        # HTTP/1.0 whatever the client sent.
+        response = from_response(web.json_response({"error": why}, status=status,
+                                                   headers={"Server": self._server_header()}),
+                                 request.method, HttpVersion11)
         response.force_close()
         return response
 
