@@ -725,11 +725,15 @@ class Supervisor:
         return delay
 
     async def _watch(self, w: Worker, process: asyncio.subprocess.Process, channel: Channel) -> None:
-        code = await process.wait()
-        self._killed.discard(process.pid)
-        self._freed.pop(process.pid, None)
-        await self.leases.worker_gone(w.worker_id)
-        await channel.close()
+        try:
+            code = await process.wait()
+            self._killed.discard(process.pid)
+            self._freed.pop(process.pid, None)
+            await self.leases.worker_gone(w.worker_id)
+        finally:
+            # (also when the stop cancels this watch while it waits: the channel's transport was
+            # left open, and the loop's close warned of it: ResourceWarning at every stop)
+            await channel.close()
         if w.process is process:
             w.channel = None
         if self.stopping:
