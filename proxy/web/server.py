@@ -649,8 +649,12 @@ class Reloader:
                  apply: Callable[[Settings], list[str]],
                  on_result: Callable[[bool], None] | None = None, display: str | None = None,
                  prepare: Callable[[Settings, Settings], Settings] | None = None,
-                 machine: MachineCheck = "reload", stopping: Callable[[], bool] = lambda: False) -> None:
+                 machine: MachineCheck = "reload", stopping: Callable[[], bool] = lambda: False,
+                 warn: bool = True) -> None:
         self.path = path
+        # The config's warnings logged here: not by a worker, whose supervisor logs them once
+        # (each reload said each one three times with two workers).
+        self._warn = warn
         self._stopping = stopping  # the instance stops: a reload still loading is not applied
         self.machine = machine  # (``load_config``)
         self._prepare = prepare  # (new, running) -> new, before ``live_settings``
@@ -715,7 +719,7 @@ class Reloader:
             gctuning.resettle_soon()
             for name in restart:
                 log.warning("reload: %s changed; it applies at the next restart", name)
-            for warning in new.warnings:
+            for warning in new.warnings if self._warn else ():
                 log.warning("reload: %s", warning)
             log.info("config reloaded from %s: %d rule(s) from %d file(s)", self.display or self.path,
                      len(merged.rules.rules), len(merged.rules.files))
@@ -771,13 +775,13 @@ def _reload_done(task: asyncio.Task[Any]) -> None:
 def install_reloader(runtime: Runtime, path: str | None, overrides: Overrides,
                      display: str | None = None,
                      prepare: Callable[[Settings, Settings], Settings] | None = None,
-                     machine: MachineCheck = "reload", counted: bool = True) -> Reloader:
+                     machine: MachineCheck = "reload", counted: bool = True, warn: bool = True) -> Reloader:
     """Give ``runtime`` its reload (used by SIGHUP and ``POST /reload``); ``counted``: in
     ``cachegate_config_reloads_total`` (a supervisor counts its reloads once its workers'
     answers are in)."""
     reloader = Reloader(path, overrides, lambda: runtime.settings, runtime.reconfigure,
                         (lambda ok: count_reload(runtime, ok)) if counted else None,
-                        display, prepare, machine, stopping=lambda: runtime.state == "stopping")
+                        display, prepare, machine, stopping=lambda: runtime.state == "stopping", warn=warn)
     runtime.reload_config = reloader.reload
     return reloader
 
@@ -858,7 +862,8 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
     reloader = install_reloader(runtime, config_path, overrides,
                                 worker.config_as if worker is not None else None,
                                 with_running_ports if worker is not None else None,
-                                "no" if worker is not None else "reload")  # (the supervisor checks)
+                                "no" if worker is not None else "reload",  # (the supervisor checks)
+                                warn=worker is None)
     channel = None
     if worker is not None:
         channel = await _connect_supervisor(runtime, worker, reloader, stop)
