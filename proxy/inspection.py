@@ -32,6 +32,7 @@ from proxy.metrics import ClusterMetrics, RequestWindow, Snapshot, hit_ratio, me
 from proxy.policy.keys import normalise_host, shown_vary, url_of_key
 from proxy.purge import host_matches
 from proxy.runtime import Runtime
+from proxy.storage.bans import Prefixes
 from proxy.storage.entry import Entry, entry_from_json, entry_to_json
 from proxy.storage.failures import merge_snapshots
 from proxy.storage.tiered import Storage
@@ -100,7 +101,7 @@ def memory_copies(runtime: Runtime, urls: Iterable[str], keys: Iterable[str]) ->
     """The variants this process's memory tier holds for these URLs (every key shape) and keys."""
     memory = runtime.storage.memory
     found = {k for k in keys if k in memory}
-    found.update(k for u in urls for k in memory.keys_for_url(u))
+    found.update(memory.keys_for_urls(urls))
     out: list[Copy] = []
     for key in sorted(found):
         variants = memory.peek(key) or ()
@@ -143,8 +144,8 @@ def known_hosts_local(runtime: Runtime, hosts: Iterable[str]) -> list[str]:
     memory = runtime.storage.memory
     out = []
     for host in hosts:
-        if host in runtime.hosts_seen or any(
-            memory.keys_with_prefix(f"{scheme}://{host}/") for scheme in ("http", "https")
+        if host in runtime.hosts_seen or memory.keys_with_prefixes(
+            Prefixes(f"{scheme}://{host}/" for scheme in ("http", "https"))
         ):
             out.append(host)
     return out

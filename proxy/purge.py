@@ -3,10 +3,11 @@
 ``parse_purge`` turns a JSON document into a ``PurgeSpec`` or raises ``BadPurge``
 with a precise message; nothing is purged from an invalid request. The admin API reads a purge
 with ``read_purge``, the same parse in slices of ``PURGE_SLICE`` URLs with a turn of the event
-loop between them, and ``Purger.plan`` resolves URLs to keys in such slices too: a purge of
-tens of thousands of URLs, in a cachegate of one process, holds client requests up for a
-slice at a time (a few milliseconds), not for the whole of it. A URL given
-to purge is reshaped by the same rules as a client request for it, so purging
+loop between them; ``Purger.plan`` reshapes URLs in such slices too, then finds their keys in
+one pass over the memory tier, and the purge drops them, in slices of the event loop's time
+(``proxy.storage.purging.Turns``): a purge of tens of thousands of URLs, in a cachegate of one
+process, holds client requests up for a slice at a time (a few milliseconds), not for the whole
+of it. A URL given to purge is reshaped by the same rules as a client request for it, so purging
 ``https://shop.example/search?q=a&utm=x`` finds the entry a rule keyed as
 ``...?q=a``. ``Purger`` resolves URLs to keys (both tiers, all variants) and
 removes them, or marks them stale when ``soft``; tags, prefixes and "all" become
@@ -42,7 +43,7 @@ from proxy.storage.index import Ban
 from proxy.storage.tiered import Storage
 
 _FIELDS = {"urls", "prefixes", "tags", "all", "soft"}
-PURGE_SLICE = 200  # URLs parsed, or resolved to keys, between two turns of the event loop
+PURGE_SLICE = 200  # URLs parsed, or reshaped by the rules, between two turns of the event loop
 
 
 class BadPurge(BadRequest):
@@ -433,10 +434,8 @@ class Purger:
             urls.update(url_shapes(raw, rules))
             if n % PURGE_SLICE == 0:
                 await asyncio.sleep(0)  # tens of thousands of URLs: let client requests in between
-        listed = list(urls)
-        keys: set[str] = set()
-        for at in range(0, len(listed), PURGE_SLICE):
-            keys.update(await self.storage.keys_for_urls(listed[at:at + PURGE_SLICE]))
+        # All the URLs at once: one pass over the memory (in slices), not one per slice of URLs.
+        keys = await self.storage.keys_for_urls(urls)
         keys.update(spec.keys)
         match = PurgeMatch(keys=frozenset(keys), urls=frozenset(urls), prefixes=spec.prefixes,
                            tags=frozenset(spec.tags), all=spec.all, soft=spec.soft, since=since,

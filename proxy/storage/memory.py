@@ -56,6 +56,7 @@ from typing import Any
 from proxy.policy.keys import url_of_key
 from proxy.settings import MemoryPolicy, arena_capacity, decoded_budget, ring_body_limit
 from proxy.storage.arena import CHANGED, F_BODY, F_PERSISTED, Arena, Record
+from proxy.storage.bans import Prefixes
 from proxy.storage.entry import (
     ALL_TO_WRITE,
     APART,
@@ -718,33 +719,37 @@ class MemoryTier:
 
     def keys_for_url(self, url: str, scan: bool = True) -> list[str]:
         """Every key of ``url``: the plain one and those with header or cookie parts or a
-        range's parts. Without ``scan`` (the disk tier's index knows the persisted ones), only
-        the records not yet written behind are looked through for the other shapes."""
-        if scan:
-            return [r.key for r in self.arena.scan(skip=F_BODY) if r.key == url or url_of_key(r.key) == url]
-        keys = [url] if self.slot(url) is not None else []
-        keys += [r.key for r in self.arena.scan(skip=F_PERSISTED | F_BODY)
-                 if r.key != url and url_of_key(r.key) == url]
-        return keys
+        range's parts (``find_url_keys``)."""
+        return [k for k in self.find_url_keys((url,), scan) if k is not None]
 
     def keys_for_urls(self, urls: Iterable[str], scan: bool = True) -> set[str]:
         """``keys_for_url`` of every URL of ``urls``, with one pass over the records for all of
         them (a pass per URL made a purge of thousands of URLs cost thousands of passes)."""
+        return {k for k in self.find_url_keys(urls, scan) if k is not None}
+
+    def find_url_keys(self, urls: Iterable[str], scan: bool = True) -> Iterator[str | None]:
+        """The keys of ``urls`` (every shape: header or cookie parts, a range's parts), found in
+        one pass over the records: each item is a key found, or None for a record or URL looked
+        at in vain, so that a caller may let the event loop run between items (a purge of 10,000
+        URLs). Without ``scan`` (the disk tier's index knows the persisted keys), the plain keys
+        are looked up one by one and only the records not yet written behind are looked through
+        for the other shapes."""
         wanted = set(urls)
         if not wanted:
-            return set()
+            return
         if scan:
-            return {r.key for r in self.arena.scan(skip=F_BODY)
-                    if r.key in wanted or url_of_key(r.key) in wanted}
-        keys = {url for url in wanted if self.slot(url) is not None}
+            for r in self.arena.scan(skip=F_BODY):
+                yield r.key if r.key in wanted or url_of_key(r.key) in wanted else None
+            return
+        for url in wanted:
+            yield url if self.slot(url) is not None else None
         for r in self.arena.scan(skip=F_PERSISTED | F_BODY):
             url = url_of_key(r.key)
-            if url != r.key and url in wanted:
-                keys.add(r.key)
-        return keys
+            yield r.key if url != r.key and url in wanted else None
 
-    def keys_with_prefix(self, prefix: str) -> list[str]:
-        return [r.key for r in self.arena.scan(skip=F_BODY) if r.key.startswith(prefix)]
+    def keys_with_prefixes(self, prefixes: Prefixes) -> list[str]:
+        """The keys that start with any of ``prefixes``, in one pass over the records."""
+        return [r.key for r in self.arena.scan(skip=F_BODY) if prefixes.matches(r.key)]
 
 
 __all__ = ["ALL_TO_WRITE", "PUT_TRIES", "Cached", "Heads", "MemoryPolicy", "MemoryTier", "Slot",

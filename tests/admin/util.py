@@ -10,7 +10,21 @@ from proxy.web.admin import ADMIN
 from tests.harness import Proxy
 from tests.rules.util import settle
 
-__all__ = ["absolute", "inspector", "js", "settle", "swept"]
+__all__ = ["absolute", "inspector", "js", "memory_passes", "settle", "swept"]
+
+
+def memory_passes(proxy: Proxy, monkeypatch: Any) -> list[int]:
+    """Counts the passes over the proxy's shared memory from now on (``[n]``, kept up to date)."""
+    arena = proxy.runtime.storage.memory.arena
+    passes = [0]
+    scan = arena.scan
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        passes[0] += 1
+        return scan(*args, **kwargs)
+
+    monkeypatch.setattr(arena, "scan", counted)
+    return passes
 
 
 async def swept(proxy: Proxy, wait: float = 10.0) -> None:

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.storage.arena import Arena, Record
+from proxy.storage.bans import Prefixes
 from proxy.storage.entry import ALL_TO_WRITE, APART, META_TO_WRITE, ON_DISK, body_key, decode_record
 from proxy.storage.memory import Cached, MemoryTier, record_of
 from tests.storage.helpers import entry
@@ -109,7 +110,9 @@ def test_keys_are_found_by_tag_url_and_prefix_and_follow_deletes() -> None:
     m.put("http://h/b", cached("http://h/b", 100))
     assert sorted(m.keys_for_tag("t")) == ["http://h/a", "http://h/a\x1fh:accept=x"]
     assert sorted(m.keys_for_url("http://h/a")) == ["http://h/a", "http://h/a\x1fh:accept=x"]
-    assert m.keys_with_prefix("http://h/") == ["http://h/a", "http://h/a\x1fh:accept=x", "http://h/b"]
+    assert m.keys_with_prefixes(Prefixes(["http://h/"])) == ["http://h/a", "http://h/a\x1fh:accept=x", "http://h/b"]
+    assert m.keys_with_prefixes(Prefixes(["http://h/b", "http://h/a\x1f", "http://x/"])) == [
+        "http://h/a\x1fh:accept=x", "http://h/b"]
     m.delete("http://h/a\x1fh:accept=x")
     assert m.keys_for_tag("t") == ["http://h/a"] and m.keys_for_url("http://h/a") == ["http://h/a"]
     m.close()
