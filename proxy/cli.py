@@ -84,7 +84,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     try:
         req = ExplainRequest(url=args.url, method=args.method, headers=headers,
-                             statuses=tuple(args.status) or (200,), response_headers=response_headers)
+                             statuses=tuple(args.status) or (200,), response_headers=response_headers,
+                             max_head=settings.max_request_head)
         lines = explain(settings.rules, req, time.time(), show_all=not args.brief)
     except ValueError as exc:
         print(f"cachegate explain: {exc}", file=sys.stderr)

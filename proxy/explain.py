@@ -52,6 +52,7 @@ from proxy.policy.reply import (
     served_headers,
 )
 from proxy.policy.request import (
+    DEFAULT_MAX_HEAD,
     REQUEST_BODY,
     Listener,
     LookUp,
@@ -62,6 +63,7 @@ from proxy.policy.request import (
     carries_body,
     decide_request,
     framing_refusal,
+    head_refusal,
     normalise_request,
     parse_url,
 )
@@ -223,6 +225,7 @@ class ExplainRequest:
     headers: tuple[tuple[str, str], ...] = ()
     statuses: tuple[int, ...] = (200,)
     response_headers: tuple[tuple[str, str], ...] = ()  # what the origin would send
+    max_head: int = DEFAULT_MAX_HEAD  # the proxy's ``max_request_head``
 
 
 def fmt_duration(seconds: float) -> str:
@@ -284,18 +287,40 @@ def request_head(req: ExplainRequest) -> RequestHead:
         raise ValueError(f"{req.url!r} is not a URL: {exc}") from None
     if url.scheme not in ("http", "https") or not url.raw_host:
         raise ValueError(f"{req.url!r}: give an absolute http:// or https:// URL")
+    refused = limits_refusal(req.method, req.url, req.headers, req.max_head)
+    if refused is not None:
+        raise ValueError(would_refuse(refused))
     headers: CIMultiDict[str] = CIMultiDict(req.headers)
     refused = framing_refusal(headers)  # (aiohttp's parser answers these before normalise_request)
     if refused is not None:
-        raise ValueError(f"the proxy would refuse this request with {refused.status}: {refused.reason}")
+        raise ValueError(would_refuse(refused))
     if "Host" not in headers:
         headers["Host"] = url.raw_authority
     message = Message(req.method.upper(), req.url, (1, 1), CIMultiDictProxy(headers))
     head = normalise_request(message, secure=url.scheme == "https", trusted=False,
-                             listener=Listener(url.raw_authority, max_head=1 << 30))
+                             listener=Listener(url.raw_authority, max_head=req.max_head))
     if isinstance(head, Refusal):
-        raise ValueError(f"the proxy would refuse this request with {head.status}: {head.reason}")
+        raise ValueError(would_refuse(head))
     return head
+
+
+def limits_refusal(method: str, url: str, headers: Sequence[tuple[str, str]],
+                   max_head: int) -> Refusal | None:
+    """What the client listener answers the head explain describes for ``url`` (absolute-form,
+    with the ``Host`` it adds when ``headers`` have none) when it breaks the listener's limits
+    (``head_refusal``: too big, too many fields, a field too long), before anything reads it."""
+    if not any(n.lower() == "host" for n, _ in headers):
+        try:
+            host = parse_url(url, encoded=True).raw_authority
+        except ValueError:
+            host = ""  # (refused as no URL, by ``request_head``)
+        headers = (*headers, ("Host", host))
+    return head_refusal(method, url, headers, max_head)
+
+
+def would_refuse(refusal: Refusal) -> str:
+    """Explain's answer to a request the proxy refuses: its status and why, not a trace."""
+    return f"the proxy would refuse this request with {refusal.status}: {refusal.reason}"
 
 
 def request_body(req: ExplainRequest) -> bool:

@@ -65,6 +65,7 @@ Refusal(status=400, reason='Connection names Host: removing it would change what
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import unquote
@@ -783,6 +784,37 @@ ALLOW = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
 # max_field_size there, ``proxy.web.server``); a purge URL longer than any request could name is
 # refused (``proxy.purge``).
 MAX_REQUEST_LINE = 8190
+MAX_HEADERS = 128  # the client listener's most header fields in a head (aiohttp's max_headers there)
+# What the client listener says of a head its parser refuses for those limits (``proxy.web.fastpath``,
+# ``proxy.web.refusals``).
+TOO_MANY_FIELDS = "too many header fields"
+FIELD_TOO_LONG = "malformed request: request line or header field too long"
+
+
+def head_refusal(method: str, target: str, fields: Sequence[tuple[str, str]],
+                 max_head: int) -> Refusal | None:
+    """What the client listener answers a head that breaks its limits, in the order it applies
+    them, for a head described rather than received (``explain``): over ``max_head`` bytes in
+    all (431, refused as it arrives, before it is parsed: ``proxy.web.fastpath``), more than
+    ``MAX_HEADERS`` fields (431) or a field name or value over ``MAX_REQUEST_LINE`` bytes (400:
+    aiohttp's parser). Sizes are counted in characters, each a byte on the wire (latin-1).
+
+    >>> head_refusal("GET", "/", [("X-A", "1")] * 129, 32768).status
+    431
+    >>> head_refusal("GET", "/", [("Cookie", "a=" + "x" * 9000)], 32768).reason
+    'malformed request: request line or header field too long'
+    >>> head_refusal("GET", "/", [("Cookie", "a=" + "x" * 40000)], 32768).reason
+    'the request head is 40030 bytes, over the 32768 this proxy accepts'
+    """
+    # request line, fields, separators (as ``normalise_request`` counts them)
+    size = len(method) + len(target) + 14 + sum(len(n) + len(v) + 4 for n, v in fields)
+    if size > max_head:
+        return Refusal(431, f"the request head is {size} bytes, over the {max_head} this proxy accepts")
+    if len(fields) > MAX_HEADERS:
+        return Refusal(431, TOO_MANY_FIELDS)
+    if any(len(n) > MAX_REQUEST_LINE or len(v) > MAX_REQUEST_LINE for n, v in fields):
+        return Refusal(400, FIELD_TOO_LONG)
+    return None
 
 
 def max_forwards(head: RequestHead) -> int | None:

@@ -60,18 +60,20 @@ from proxy.explain import (
     StoredVariant,
     explain_trace,
     field_problem,
+    limits_refusal,
     request_body,
     route_of,
     unbypassed,
+    would_refuse,
 )
 from proxy.explain import request_head as explain_head
 from proxy.inspection import Inspector, group_copies, variant_view
 from proxy.live import upstreams_of_workers
 from proxy.policy.fields import is_token
 from proxy.policy.keys import cache_key, part_key
-from proxy.policy.messages import RequestHead
+from proxy.policy.messages import HeaderList, RequestHead
 from proxy.policy.request import ALLOW as FORWARDED_METHODS
-from proxy.policy.request import LookUp
+from proxy.policy.request import DEFAULT_MAX_HEAD, LookUp, Refusal
 from proxy.purge import (
     PurgeOutcome,
     PurgeSpec,
@@ -671,8 +673,11 @@ EXAMPLE_HEADERS = '{"Accept": "text/html"}'
 _EXPLAIN_FIELDS = ("url", "method", "headers", "status", "response_headers")
 
 
-def _header_pairs(value: Any, what: str) -> tuple[tuple[str, str], ...]:
-    """``{"Name": "value" | ["v1", "v2"]}`` -> pairs; BadRequest otherwise."""
+def _header_pairs(value: Any, what: str, refusal: Callable[[HeaderList], Refusal | None] | None = None
+                  ) -> tuple[tuple[str, str], ...]:
+    """``{"Name": "value" | ["v1", "v2"]}`` -> pairs; BadRequest otherwise. ``refusal``: why the
+    proxy would refuse a head with these fields, asked before each field is checked (20,000 of
+    them took 40 ms to check, and then to trace, where the proxy refuses them at once)."""
     if value is None:
         return ()
     if isinstance(value, str):
@@ -684,16 +689,20 @@ def _header_pairs(value: Any, what: str) -> tuple[tuple[str, str], ...]:
         raise BadRequest(f"{what!r} must be a JSON object like {EXAMPLE_HEADERS}")
     out: list[tuple[str, str]] = []
     for name, v in value.items():
-        if (problem := field_problem(name, "")) is not None:
-            raise BadRequest(f"{what!r}: {problem}")
         values = v if isinstance(v, list) else [v]
         if not all(isinstance(x, str) for x in values):
             raise BadRequest(f"{what!r}: {name!r} must map to a string or a list of strings")
-        for x in values:
-            if (problem := field_problem(name, x)) is not None:
-                raise BadRequest(f"{what!r}: {problem}")
+        if not values and (problem := field_problem(name, "")) is not None:
+            raise BadRequest(f"{what!r}: {problem}")
         out.extend((name, x) for x in values)
-    return tuple(out)
+    pairs = tuple(out)
+    refused = refusal(pairs) if refusal is not None else None
+    if refused is not None:
+        raise BadRequest(would_refuse(refused))
+    for name, x in pairs:
+        if (problem := field_problem(name, x)) is not None:
+            raise BadRequest(f"{what!r}: {problem}")
+    return pairs
 
 
 # RFC 9110 §5.6.2: token = 1*tchar, ASCII only (methods and field names are tokens).
@@ -726,7 +735,10 @@ def _check_method(method: Any) -> str:
     return method
 
 
-def parse_explain(doc: dict[str, Any]) -> ExplainRequest:
+def parse_explain(doc: dict[str, Any], max_head: int = DEFAULT_MAX_HEAD) -> ExplainRequest:
+    """The request an explain document describes, or BadRequest; a head the proxy's client
+    listener would refuse (``max_head``: its ``max_request_head``; ``head_refusal``) is answered
+    with its status and why, as ``explain_head`` does, before its fields are checked."""
     unknown = sorted(set(doc) - set(_EXPLAIN_FIELDS))
     if unknown:
         raise BadRequest(f"unknown field(s): {', '.join(unknown)}; allowed: {', '.join(_EXPLAIN_FIELDS)}")
@@ -746,14 +758,17 @@ def parse_explain(doc: dict[str, Any]) -> ExplainRequest:
     response_headers = _header_pairs(doc.get("response_headers"), "response_headers")
     if response_headers and not parsed:
         parsed = [200]
-    return ExplainRequest(url=normalise_url(url), method=method,
-                          headers=_header_pairs(doc.get("headers"), "headers"), statuses=tuple(parsed),
-                          response_headers=response_headers)
+    url = normalise_url(url)
+    headers = _header_pairs(doc.get("headers"), "headers",
+                            lambda fields: limits_refusal(method, url, fields, max_head))
+    return ExplainRequest(url=url, method=method, headers=headers, statuses=tuple(parsed),
+                          response_headers=response_headers, max_head=max_head)
 
 
-def explain_request(doc: dict[str, Any]) -> tuple[ExplainRequest, RequestHead]:
+def explain_request(doc: dict[str, Any], max_head: int = DEFAULT_MAX_HEAD
+                    ) -> tuple[ExplainRequest, RequestHead]:
     """The request an explain document describes; BadRequest for anything else (pure)."""
-    req = parse_explain(doc)
+    req = parse_explain(doc, max_head)
     try:
         return req, explain_head(req)
     except ValueError as exc:
@@ -771,7 +786,7 @@ async def explain(request: web.Request) -> web.Response:
     else:
         params = query_params(request, _EXPLAIN_FIELDS, repeatable=("status",))
         doc = {k: (v if k == "status" else v[0]) for k, v in params.items()}
-    req, head = explain_request(doc)
+    req, head = explain_request(doc, ctx.runtime.settings.max_request_head)
     await check_hosts(ctx, {head.host})
     runtime = ctx.runtime
     rules = runtime.settings.rules

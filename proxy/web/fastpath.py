@@ -96,7 +96,7 @@ from proxy.logs import Summarised
 from proxy.metrics import REFUSED_METHOD, FastPathState
 from proxy.policy.cache_status import cache_status
 from proxy.policy.messages import RequestHead
-from proxy.policy.request import normalise_request
+from proxy.policy.request import MAX_HEADERS, TOO_MANY_FIELDS, normalise_request
 from proxy.replies import Planned
 from proxy.room import store_files
 from proxy.rules import RequestPlan, RuleSet
@@ -337,7 +337,7 @@ class ProxyRequestHandler(LimitedHandler):
         # How aiohttp made this connection's parser (its defaults), for ``_parsed_until_refused``.
         self._parser_args = {"max_line_size": kwargs.get("max_line_size", 8190),
                              "max_field_size": kwargs.get("max_field_size", 8190),
-                             "max_headers": kwargs.get("max_headers", 128),
+                             "max_headers": kwargs.get("max_headers", MAX_HEADERS),
                              "auto_decompress": kwargs.get("auto_decompress", True)}
         self._fast = fast
         # Every request handed to aiohttp's handler has had its whole response written, on a
@@ -1043,7 +1043,7 @@ def parser_refusal(exc: HttpProcessingError) -> tuple[int, str]:
         return 501, ("501 Not Implemented: a transfer coding other than 'chunked'; only a single "
                      "'chunked' is accepted\n")
     if "Too many headers" in first:
-        return 431, "431 Request Header Fields Too Large: too many header fields\n"
+        return 431, f"431 Request Header Fields Too Large: {TOO_MANY_FIELDS}\n"
     return 400, f"400 Bad Request: {refusal_reason(exc)}\n"
 
 

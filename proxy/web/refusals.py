@@ -23,7 +23,7 @@ from aiohttp.http_exceptions import (
 )
 
 from proxy.policy.fields import is_token
-from proxy.policy.request import INVALID_CONTENT_LENGTH, LENGTH_AND_CODING
+from proxy.policy.request import FIELD_TOO_LONG, INVALID_CONTENT_LENGTH, LENGTH_AND_CODING
 from proxy.shown import shown
 
 # What the parser found wrong, by the first line of its message (llhttp's reason), named in
@@ -56,7 +56,7 @@ def refusal_reason(exc: HttpProcessingError) -> str:
     if isinstance(exc, InvalidURLError):
         return "malformed request target"
     if isinstance(exc, LineTooLong):
-        return "malformed request: request line or header field too long"
+        return FIELD_TOO_LONG
     first = str(exc.message).split("\n", 1)[0].lower()
     for marker, reason in _REASONS:
         if marker in first:

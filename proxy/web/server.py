@@ -47,7 +47,7 @@ from proxy.errors import ConfigError
 from proxy.inspection import Inspector, register_worker_calls
 from proxy.lockfile import bind_refused
 from proxy.logs import RepeatedFailure, say, tell
-from proxy.policy.request import MAX_REQUEST_LINE
+from proxy.policy.request import MAX_HEADERS, MAX_REQUEST_LINE
 from proxy.purge import PurgeOutcome, PurgeSpec, PurgeUnavailable
 from proxy.room import FilesystemFull, MemoryUnavailable, NotWritable, denied, filesystem_full
 from proxy.runtime import CacheDirectoryInUse, CacheDirectoryUnusable, ReloadResult, Runtime
@@ -288,7 +288,7 @@ async def start_proxy_listener(runtime: Runtime, settings: Settings, *,
         fast=FastPath(front) if fast else None,
         max_line_size=MAX_REQUEST_LINE,
         max_field_size=MAX_REQUEST_LINE,
-        max_headers=128,
+        max_headers=MAX_HEADERS,
         # A request body goes upstream as the client sent it: aiohttp's server decodes a body
         # with Content-Encoding gzip/deflate/br by default, and the origin got the decoded bytes
         # still labelled gzip, with the decoded length (a corrupt upload: a gzipped JSON POST, an
