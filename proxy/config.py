@@ -37,6 +37,7 @@ from proxy.room import (
 from proxy.rules import load_rules
 from proxy.schema import Context, parse_hostport, read_section, reference
 from proxy.settings import (
+    MB,
     MIN_TOKEN_LENGTH,
     AccessLogSettings,
     AdminSettings,
@@ -302,12 +303,49 @@ def _check_open_files(s: Settings, problems: Problems, root: Src, machine: Machi
         problems.add(at, said)
 
 
+# What each process of an instance needs besides the shared memory tier, under load: measured at
+# 64-71 MB (the supervisor) and 75-88 MB (each worker) of private memory with 64 to 128 clients
+# reading bodies of up to 900 KB (docs/deploy.md, "Memory").
+PROCESS_MEMORY = 100 * MB
+
+
+def memory_processes(workers: int) -> int:
+    """The processes an instance of ``workers`` workers runs: the workers and their supervisor,
+    or one process alone."""
+    return workers + 1 if workers > 1 else 1
+
+
+def memory_needed(memory: int, workers: int) -> int:
+    """The memory limit an instance needs: ``cache.memory`` (shared, counted once) and
+    ``PROCESS_MEMORY`` for each of its processes.
+
+    >>> memory_needed(256 * MB, 2) // MB, memory_needed(256 * MB, 1) // MB
+    (556, 356)
+    """
+    return memory + memory_processes(workers) * PROCESS_MEMORY
+
+
+def memory_needed_text(memory: int, workers: int) -> str:
+    """How ``memory_needed`` adds up, for a warning or a log line.
+
+    >>> memory_needed_text(256 * MB, 2)
+    'cache.memory 256 MB + 3 processes (2 workers and the supervisor) x 100 MB = 556 MB'
+    """
+    n = memory_processes(workers)
+    which = f"{workers} workers and the supervisor" if n > 1 else "workers: 1, no supervisor"
+    return (f"cache.memory {human_size(memory)} + {n} process{'es' if n > 1 else ''} ({which}) x "
+            f"{human_size(PROCESS_MEMORY)} = {human_size(memory_needed(memory, workers))}")
+
+
 def _check_memory(s: Settings, problems: Problems, root: Src, machine: MachineCheck = "start") -> None:
     """``cache.memory`` is one shared mapping, made at start: more than the machine's memory and
     swap together cannot be mapped (a problem; on a reload, which does not map it again, a
     warning for the next start); more than its memory alone maps, but the kernel pages it out
     to swap (every hit a page fault) or ends the process once it fills (a warning); so it does
-    when it is more than the limit of the process's cgroup (a container's: a warning too)."""
+    when it is more than the limit of the process's cgroup (a container's: a warning too), and
+    the kernel's OOM killer ends a process (a worker, restarted: ``proxy.oom``) under load when
+    the limit leaves less than ``PROCESS_MEMORY`` for each process besides (``memory_needed``:
+    a warning, with the figure)."""
     memory = machine_memory()
     budget = s.cache.memory
     at = _line(root, "cache", "memory")
@@ -317,6 +355,12 @@ def _check_memory(s: Settings, problems: Problems, root: Src, machine: MachineCh
             problems.warn(at, f"cache.memory {human_size(budget)} is more than the memory limit of this "
                               f"process's cgroup ({human_size(limit)}: a container's, a unit's MemoryMax=): "
                               "the kernel would end cachegate once the memory tier fills; set it lower")
+        elif limit is not None and (need := memory_needed(budget, s.workers)) > limit:
+            problems.warn(at, f"the memory limit of this process's cgroup ({human_size(limit)}: a "
+                              f"container's, a unit's MemoryMax=) is less than cachegate needs: "
+                              f"{memory_needed_text(budget, s.workers)}; under load the kernel's OOM "
+                              f"killer would end a worker: raise the limit to {human_size(need)} or more, "
+                              "or set cache.memory or workers lower")
         return
     ram, swap = memory
     has = f"this machine has {human_size(ram)} of memory and {human_size(swap)} of swap"
@@ -691,7 +735,9 @@ rule files have their own reference, [rules.md](rules.md).
   nothing on purpose, write a rule with `bypass: true`) and a `cache.memory` bigger than the
   machine's memory and swap together (`/proc/meminfo`); a `cache.memory` bigger than its
   memory alone or than the memory limit of the process's cgroup (a container's, a unit's
-  `MemoryMax=`: `memory.max`, or `memory.limit_in_bytes` with cgroup v1), and a
+  `MemoryMax=`: `memory.max`, or `memory.limit_in_bytes` with cgroup v1), a cgroup memory
+  limit below `cache.memory` + 100 MB for each process (each worker and, with two or more,
+  the supervisor: [deploy.md](deploy.md), "Memory"; the warning says the figure), and a
   `cache.disk.size` bigger than the whole filesystem under `cache.disk.path`, are warnings.
   A `cache.disk.shards` whose open files (up to 14 a shard in every process: each of the
   threads that use a shard keeps its own SQLite connection, a database and a log file) leave
