@@ -18,7 +18,9 @@ Nothing here raises: a file that is missing or unreadable means "no limit from i
 
 The cgroup's memory limit is read the same way (``cgroup_memory_limit``), for the config's
 check of ``cache.memory``: v2 ``memory.max`` (``"max"`` = no limit), v1
-``memory.limit_in_bytes`` (a huge number = no limit).
+``memory.limit_in_bytes`` (a huge number = no limit); and so is its count of the processes the
+kernel's OOM killer ended (``cgroup_oom_kills``): v2 ``memory.events``, v1 ``memory.oom_control``
+(``oom_kill N``: Linux 4.13 and later).
 """
 
 from __future__ import annotations
@@ -98,6 +100,30 @@ def _memory_limits(root: Path, membership: str) -> Iterator[int | None]:
             if mount.is_dir():
                 for d in _dirs(mount, path):
                     yield _bytes(_read(d / "memory.limit_in_bytes"))
+
+
+def cgroup_oom_kills(cgroup_root: str = CGROUP_ROOT, proc_cgroup: str = PROC_SELF_CGROUP) -> int | None:
+    """How many processes of this process's cgroup the kernel's OOM killer ended so far (the
+    kills in the cgroup itself: its limit's, or an ancestor's), v2 or v1; None where no counter
+    can be read."""
+    root = Path(cgroup_root)
+    for line in (_read(proc_cgroup) or "").splitlines():
+        parts = line.strip().split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # cgroup v2: memory.events "oom_kill N"
+            where, name = root, "memory.events"
+        elif "memory" in controllers.split(","):  # cgroup v1: memory.oom_control "oom_kill N"
+            where, name = root / "memory", "memory.oom_control"
+        else:
+            continue
+        text = _read(next(_dirs(where, path)) / name) if where.is_dir() else None
+        for field in (text or "").splitlines():
+            key, _, value = field.partition(" ")
+            if key == "oom_kill" and value.strip().isdigit():
+                return int(value)
+    return None
 
 
 def _bytes(text: str | None) -> int | None:

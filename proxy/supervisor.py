@@ -82,13 +82,16 @@ from proxy.cluster import join as join_cluster
 from proxy.codeid import ARG as CODE_ID_ARG
 from proxy.codeid import CHANGED as CODE_CHANGED
 from proxy.codeid import EXIT_CODE_CHANGED, identity
-from proxy.config import Overrides, Settings
+from proxy.config import Overrides, Settings, memory_needed_text
 from proxy.control import Channel, ChannelClosed, RemoteError
+from proxy.cpus import cgroup_memory_limit, cgroup_oom_kills
 from proxy.inspection import Inspector
 from proxy.leases import LeaseRelay, LeaseTable
 from proxy.lockfile import HeldLock, LockTaken, bind_refused, port_in_use, runtime_dir
 from proxy.logs import say, setup_logging, tell
+from proxy.oom import lower_supervisor_score, raise_worker_score, signal_name
 from proxy.purge import PurgeOutcome, PurgeSpec, match_to_json
+from proxy.room import human_size
 from proxy.runtime import ReloadResult, ReplacedWorker, Runtime
 from proxy.sdnotify import Notifier
 from proxy.startup import (
@@ -156,6 +159,7 @@ class Worker:
     quick_exits: int = 0  # exits in a row soon after a start (``looping``)
     last_exit: int | None = None  # its last exit status
     last_was_ready: bool = False  # whether its last process to exit had become ready
+    last_oom: bool = False  # whether the kernel's OOM killer ended its last process (``_oom_killed``)
     # The last of its processes this supervisor killed: (pid, cause, why), for a reload that
     # waited for it (``ReplacedWorker``): the watchdog, a purge not acknowledged, not ready.
     killed: tuple[int, str, str] | None = None
@@ -164,7 +168,7 @@ class Worker:
         process = self.process
         serving = process is not None and process.returncode is None and self.ready.is_set()
         return WorkerHealth(self.worker_id, serving, self.quick_exits, self.last_exit,
-                            self.given_up is not None, self.last_was_ready)
+                            self.given_up is not None, self.last_was_ready, self.last_oom)
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,7 @@ class WorkerHealth:
     last_exit: int | None
     given_up: bool  # not restarted any more (``Runtime.degraded`` says why)
     last_was_ready: bool = False  # its last process to exit had become ready
+    last_oom: bool = False  # the kernel's OOM killer ended its last process
 
     @property
     def looping(self) -> bool:
@@ -197,12 +202,19 @@ def workers_health(workers: Sequence[WorkerHealth]) -> str | None:
     'no worker serves (1 configured): worker 0 keeps exiting (status 2, 3 times in a row)'
     >>> workers_health([WorkerHealth(0, True, 0, None, False), WorkerHealth(1, False, 1, 2, False)])
     '1 of 2 workers serve: worker 1 exited before it became ready (status 2)'
+    >>> oom = WorkerHealth(1, False, 2, -9, False, last_was_ready=True, last_oom=True)
+    >>> workers_health([WorkerHealth(0, True, 0, None, False), oom])
+    "1 of 2 workers serve: worker 1 keeps exiting (status -9, the kernel's OOM killer, 2 times in a row)"
     """
     serving = sum(1 for w in workers if w.serving)
     looping = [w for w in workers if not w.serving and not w.given_up and w.looping]
-    why = "; ".join(f"worker {w.worker_id} keeps exiting (status {w.last_exit}, {w.quick_exits} times "
-                    "in a row)" if w.quick_exits > 1 else
-                    f"worker {w.worker_id} exited before it became ready (status {w.last_exit})"
+
+    def status(w: WorkerHealth) -> str:
+        return f"status {w.last_exit}" + (", the kernel's OOM killer" if w.last_oom else "")
+
+    why = "; ".join(f"worker {w.worker_id} keeps exiting ({status(w)}, {w.quick_exits} times in a row)"
+                    if w.quick_exits > 1 else
+                    f"worker {w.worker_id} exited before it became ready ({status(w)})"
                     for w in looping)
     if serving == 0:
         return f"no worker serves ({len(workers)} configured)" + (f": {why}" if why else "")
@@ -405,6 +417,9 @@ class Supervisor:
         # start-up failure, or no worker left that can run the installed code (``_code_changed``).
         self._stop: asyncio.Event | None = None
         self._failed = False
+        # The OOM kills in this process's cgroup that a worker's death accounted for
+        # (``_oom_killed``): read at the start, then only when a worker dies.
+        self._oom_kills = cgroup_oom_kills()
 
     # -- running ---------------------------------------------------------------------------
 
@@ -416,6 +431,9 @@ class Supervisor:
             tell(f"cachegate: cannot listen: {exc}")
             return 1
         setup_logging(worker="supervisor")
+        # A worker, not the supervisor, is the one the kernel's OOM killer ends (``proxy.oom``):
+        # the workers raise theirs, started from this one.
+        lower_supervisor_score()
         if self.config_path is not None:
             try:
                 self._config = ConfigCopy(self.config_path, dict(self.settings.sources))
@@ -758,6 +776,7 @@ class Supervisor:
         w.restarts += 1
         w.last_exit = code
         w.last_was_ready = w.ready.is_set()
+        died = self._death_cause(code)
         # A worker that lived a while is restarted at once, and so is one that died once soon
         # after it became ready (a kill, an OOM: a crash, not a loop); one that keeps dying, or
         # that never became ready, with backoff (and /healthz says so: ``workers_health``).
@@ -769,11 +788,36 @@ class Supervisor:
             w.quick_exits += 1
             first_crash = w.quick_exits == 1 and w.last_was_ready
             delay = 0.0 if first_crash else self._next_backoff(w)
-        log.error("worker %d (pid %d) exited with %s; restarting in %.1fs", w.worker_id, process.pid,
-                  code, delay)
-        say(f"cachegate: worker {w.worker_id} (pid {process.pid}) exited with {code}; restarting",
-            event="worker_exited", worker_id=w.worker_id, pid=process.pid, code=code)
+        w.last_oom = died is not None and died[1]
+        how = f" ({died[2]})" if died is not None else ""
+        log.error("worker %d (pid %d) exited with %s%s; restarting in %.1fs", w.worker_id, process.pid,
+                  code, how, delay)
+        say(f"cachegate: worker {w.worker_id} (pid {process.pid}) exited with {code}{how}; restarting",
+            event="worker_exited", worker_id=w.worker_id, pid=process.pid, code=code,
+            signal=died[0] if died is not None else None, oom_killed=w.last_oom)
         self._spawn_soon(w, delay, after=process.pid)
+
+    def _death_cause(self, code: int | None) -> tuple[str, bool, str] | None:
+        """How a worker's process that exited with ``code`` died, when a signal ended it: (the
+        signal's name, whether the kernel's OOM killer sent it, a phrase for the log); None
+        when it exited by itself. The OOM killer sent it when the OOM-kill counter of this
+        process's cgroup (the workers' too) rose since the last look: read only now, and each
+        such death accounts for one kill (two workers killed at once are both told)."""
+        name = signal_name(code)
+        if name is None:
+            return None
+        kills = cgroup_oom_kills() if code == -signal.SIGKILL else None
+        oom = kills is not None and self._oom_kills is not None and kills > self._oom_kills
+        if kills is not None:
+            self._oom_kills = self._oom_kills + 1 if oom and self._oom_kills is not None else kills
+        if not oom:
+            return name, False, f"killed by {name}"
+        limit = cgroup_memory_limit()
+        settings = self.runtime.settings if self.runtime is not None else self.settings
+        needs = memory_needed_text(settings.cache.memory, len(self.workers))
+        where = (f"the memory limit of its cgroup: {human_size(limit)}; it needs {needs}" if limit is not None
+                 else f"the machine's memory ran out; cachegate needs {needs}")
+        return name, True, f"{name}: killed by the kernel's OOM killer ({where})"
 
     async def _installed_differs(self) -> bool:
         """Whether the installed code is no longer the code this supervisor runs (and passes its
@@ -1366,6 +1410,9 @@ def _worker_main(argv: list[str]) -> int:
     if args.supervisor_pid is not None and not _die_with_supervisor(args.supervisor_pid):
         tell(f"cachegate: worker {args.worker_id}: the supervisor is gone; not starting")
         return 0
+    # At the memory limit, the OOM killer ends this worker (restarted), not the supervisor,
+    # whose death would take every worker with it (``_die_with_supervisor``): ``proxy.oom``.
+    raise_worker_score()
     # Ctrl-C reaches the whole process group; the supervisor stops the workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     earlysignals.hold()  # a SIGHUP or SIGTERM before the loop's handlers: remembered, not fatal

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config import parse_workers
-from proxy.cpus import available_cpus, cgroup_cpu_limit, cgroup_memory_limit
+from proxy.cpus import available_cpus, cgroup_cpu_limit, cgroup_memory_limit, cgroup_oom_kills
 
 
 def tree(root: Path, files: dict[str, str]) -> None:
@@ -95,3 +95,17 @@ def test_the_memory_limit_of_the_cgroup_and_its_ancestors_v2_and_v1(tmp_path: Pa
     assert cgroup_memory_limit(str(tmp_path / "fs"), str(tmp_path / "self-cgroup")) == 512 << 20
     tree(tmp_path / "fs", {"memory/memory.limit_in_bytes": "9223372036854771712"})
     assert cgroup_memory_limit(str(tmp_path / "fs"), str(tmp_path / "self-cgroup")) is None
+
+
+def test_the_oom_kill_counter_is_read_from_the_process_own_cgroup_v2_or_v1(tmp_path: Path) -> None:
+    """What the supervisor reads when a worker dies by a signal (``proxy.oom``); this machine's
+    real counter is tested in test_oom_kill (v1 or v2, whichever it has)."""
+    tree(tmp_path / "v2", {"app/memory.events": "low 0\nhigh 0\nmax 12\noom 3\noom_kill 2\noom_group_kill 0"})
+    (tmp_path / "self-v2").write_text("0::/app\n")
+    assert cgroup_oom_kills(str(tmp_path / "v2"), str(tmp_path / "self-v2")) == 2
+    tree(tmp_path / "v1", {"memory/docker/c/memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 5",
+                           "memory.events": "oom_kill 9"})  # (a hybrid host's empty v2 root: not read)
+    (tmp_path / "self-v1").write_text("4:memory:/docker/c\n0::/\n")
+    assert cgroup_oom_kills(str(tmp_path / "v1"), str(tmp_path / "self-v1")) == 5
+    (tmp_path / "self-none").write_text("4:cpu:/x\n")
+    assert cgroup_oom_kills(str(tmp_path / "v1"), str(tmp_path / "self-none")) is None

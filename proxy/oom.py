@@ -1,0 +1,100 @@
+"""Who the kernel's OOM killer ends when the memory of cachegate's cgroup runs out, and saying so.
+
+At a cgroup's memory limit the kernel kills the process with the highest badness: its resident
+memory (the shared memory tier's pages it touched included) plus ``oom_score_adj`` thousandths of
+the limit. The supervisor touches the memory tier's pages too (its write-behind thread copies
+bodies to the disk tier), so it was as big as a worker, and it was the one killed: its workers
+died with it (``PR_SET_PDEATHSIG``), nothing was logged, nothing restarted. A worker is the one
+to end, as the supervisor restarts it: each worker raises its own score at its start
+(``raise_worker_score``: raising needs no privilege), and the supervisor lowers its own where it
+may (``lower_supervisor_score``: that needs ``CAP_SYS_RESOURCE``; a unit's ``OOMScoreAdjust=``
+does it without). A score set higher already (by a unit, a container runtime) is kept: they only
+raise a worker's, and only lower the supervisor's.
+
+When a worker dies by a signal, its cgroup's OOM-kill counter (``proxy.cpus.cgroup_oom_kills``:
+v2 ``memory.events``, v1 ``memory.oom_control``) tells whether the kernel's OOM killer sent it:
+read then, and at the start, never polled.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import signal
+
+log = logging.getLogger("cachegate.oom")
+
+OOM_SCORE_ADJ = "/proc/self/oom_score_adj"
+WORKER_SCORE = 500  # at least this, or 500 more than it inherited (at most 1000)
+SUPERVISOR_LOWER_BY = 500  # its own score less this, at least -999 (-1000: never killed at all)
+MIN_SCORE, MAX_SCORE = -999, 1000
+
+
+def read_score(path: str = OOM_SCORE_ADJ) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_score(value: int, path: str) -> bool:
+    try:
+        with open(path, "w") as f:
+            f.write(str(value))
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.ENOENT, errno.EROFS):
+            log.warning("cannot set %s to %d: %s", path, value, exc)
+        return False
+    return True
+
+
+def worker_score(current: int) -> int:
+    """The score a worker that inherited ``current`` takes: higher, never lower.
+
+    >>> worker_score(0), worker_score(-500), worker_score(-997), worker_score(700), worker_score(1000)
+    (500, 500, 500, 1000, 1000)
+    """
+    return max(current, min(MAX_SCORE, max(WORKER_SCORE, current + WORKER_SCORE)))
+
+
+def supervisor_score(current: int) -> int:
+    """The score the supervisor tries to take: lower, never higher.
+
+    >>> supervisor_score(0), supervisor_score(-800), supervisor_score(-1000)
+    (-500, -999, -1000)
+    """
+    return min(current, max(MIN_SCORE, current - SUPERVISOR_LOWER_BY))
+
+
+def raise_worker_score(path: str = OOM_SCORE_ADJ) -> int | None:
+    """Raise this worker's ``oom_score_adj`` (``worker_score``); its score now, None unknown."""
+    current = read_score(path)
+    if current is None:
+        return None
+    target = worker_score(current)
+    return target if target != current and _write_score(target, path) else current
+
+
+def lower_supervisor_score(path: str = OOM_SCORE_ADJ) -> int | None:
+    """Lower the supervisor's ``oom_score_adj`` where it may (``supervisor_score``; without
+    ``CAP_SYS_RESOURCE`` the kernel refuses, and it stays as it is, quietly); its score now."""
+    current = read_score(path)
+    if current is None:
+        return None
+    target = supervisor_score(current)
+    return target if target != current and _write_score(target, path) else current
+
+
+def signal_name(code: int | None) -> str | None:
+    """The signal that ended a process whose exit status (asyncio's) is ``code``, or None.
+
+    >>> signal_name(-9), signal_name(-15), signal_name(1), signal_name(None)
+    ('SIGKILL', 'SIGTERM', None, None)
+    """
+    if code is None or code >= 0:
+        return None
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
