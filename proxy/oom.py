@@ -5,11 +5,13 @@ memory (the shared memory tier's pages it touched included) plus ``oom_score_adj
 the limit. The supervisor touches the memory tier's pages too (its write-behind thread copies
 bodies to the disk tier), so it was as big as a worker, and it was the one killed: its workers
 died with it (``PR_SET_PDEATHSIG``), nothing was logged, nothing restarted. A worker is the one
-to end, as the supervisor restarts it: each worker raises its own score at its start
-(``raise_worker_score``: raising needs no privilege), and the supervisor lowers its own where it
-may (``lower_supervisor_score``: that needs ``CAP_SYS_RESOURCE``; a unit's ``OOMScoreAdjust=``
-does it without). A score set higher already (by a unit, a container runtime) is kept: they only
-raise a worker's, and only lower the supervisor's.
+to end, as the supervisor restarts it: each worker's score is raised above the supervisor's
+(``raise_worker_score``: raising needs no privilege), by the supervisor as soon as the worker
+runs (one still starting, killed before it raised its own, left the supervisor the biggest) and
+by the worker itself; and the supervisor lowers its own where it may (``lower_supervisor_score``:
+that needs ``CAP_SYS_RESOURCE``; a unit's ``OOMScoreAdjust=`` does it without). A score set
+higher already (by a unit, a container runtime) is kept: they only raise a worker's, and only
+lower the supervisor's.
 
 When a worker dies by a signal, its cgroup's OOM-kill counter (``proxy.cpus.cgroup_oom_kills``:
 v2 ``memory.events``, v1 ``memory.oom_control``) tells whether the kernel's OOM killer sent it:
@@ -24,21 +26,22 @@ import signal
 
 log = logging.getLogger("cachegate.oom")
 
-OOM_SCORE_ADJ = "/proc/self/oom_score_adj"
-WORKER_SCORE = 500  # at least this, or 500 more than it inherited (at most 1000)
+OOM_SCORE_ADJ = "/proc/{}/oom_score_adj"
+WORKER_SCORE = 500  # at least this, and 500 more than the supervisor's (at most 1000)
 SUPERVISOR_LOWER_BY = 500  # its own score less this, at least -999 (-1000: never killed at all)
 MIN_SCORE, MAX_SCORE = -999, 1000
 
 
-def read_score(path: str = OOM_SCORE_ADJ) -> int | None:
+def read_score(pid: int | str = "self") -> int | None:
     try:
-        with open(path) as f:
+        with open(OOM_SCORE_ADJ.format(pid)) as f:
             return int(f.read().strip())
     except (OSError, ValueError):
         return None
 
 
-def _write_score(value: int, path: str) -> bool:
+def _write_score(value: int, pid: int | str) -> bool:
+    path = OOM_SCORE_ADJ.format(pid)
     try:
         with open(path, "w") as f:
             f.write(str(value))
@@ -49,13 +52,16 @@ def _write_score(value: int, path: str) -> bool:
     return True
 
 
-def worker_score(current: int) -> int:
-    """The score a worker that inherited ``current`` takes: higher, never lower.
+def worker_score(supervisor: int, current: int) -> int:
+    """The score a worker whose own is ``current`` takes, its supervisor's being ``supervisor``:
+    higher, never lower (the same however often it is asked).
 
-    >>> worker_score(0), worker_score(-500), worker_score(-997), worker_score(700), worker_score(1000)
-    (500, 500, 500, 1000, 1000)
+    >>> worker_score(0, 0), worker_score(-500, -500), worker_score(-997, -997), worker_score(700, 700)
+    (500, 500, 500, 1000)
+    >>> worker_score(0, 800), worker_score(0, 500), worker_score(1000, 1000)
+    (800, 500, 1000)
     """
-    return max(current, min(MAX_SCORE, max(WORKER_SCORE, current + WORKER_SCORE)))
+    return max(current, min(MAX_SCORE, max(WORKER_SCORE, supervisor + WORKER_SCORE)))
 
 
 def supervisor_score(current: int) -> int:
@@ -67,23 +73,27 @@ def supervisor_score(current: int) -> int:
     return min(current, max(MIN_SCORE, current - SUPERVISOR_LOWER_BY))
 
 
-def raise_worker_score(path: str = OOM_SCORE_ADJ) -> int | None:
-    """Raise this worker's ``oom_score_adj`` (``worker_score``); its score now, None unknown."""
-    current = read_score(path)
+def raise_worker_score(worker: int | str = "self", supervisor: int | str | None = None) -> int | None:
+    """Raise a worker's ``oom_score_adj`` above its supervisor's (``worker_score``): done by the
+    supervisor as soon as it started it, and by the worker at its start (``worker`` "self"), in
+    case (the supervisor's pid: None where unknown, then the worker's own score is the base).
+    The worker's score now; None unknown."""
+    current = read_score(worker)
     if current is None:
         return None
-    target = worker_score(current)
-    return target if target != current and _write_score(target, path) else current
+    base = read_score(supervisor) if supervisor is not None else None
+    target = worker_score(current if base is None else base, current)
+    return target if target != current and _write_score(target, worker) else current
 
 
-def lower_supervisor_score(path: str = OOM_SCORE_ADJ) -> int | None:
+def lower_supervisor_score() -> int | None:
     """Lower the supervisor's ``oom_score_adj`` where it may (``supervisor_score``; without
     ``CAP_SYS_RESOURCE`` the kernel refuses, and it stays as it is, quietly); its score now."""
-    current = read_score(path)
+    current = read_score()
     if current is None:
         return None
     target = supervisor_score(current)
-    return target if target != current and _write_score(target, path) else current
+    return target if target != current and _write_score(target, "self") else current
 
 
 def signal_name(code: int | None) -> str | None:

@@ -675,6 +675,7 @@ class Supervisor:
         finally:
             child_end.close()
             os.close(running_fd)
+        raise_worker_score(w.process.pid, "self")  # at once: the worker does too, later (``proxy.oom``)
         w.started_at = time.monotonic()
         w.channel = await Channel.open(parent_end, self._handlers(w), name=f"worker {w.worker_id}")
         self._tell_node(w.channel)
@@ -1412,7 +1413,7 @@ def _worker_main(argv: list[str]) -> int:
         return 0
     # At the memory limit, the OOM killer ends this worker (restarted), not the supervisor,
     # whose death would take every worker with it (``_die_with_supervisor``): ``proxy.oom``.
-    raise_worker_score()
+    raise_worker_score("self", args.supervisor_pid)
     # Ctrl-C reaches the whole process group; the supervisor stops the workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     earlysignals.hold()  # a SIGHUP or SIGTERM before the loop's handlers: remembered, not fatal
