@@ -160,7 +160,7 @@ from proxy.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
-from proxy.paused import PAUSE_GRACE, late
+from proxy.paused import PAUSE_GRACE, PAUSE_LATE, late
 from proxy.policy.fields import content_length, ends_at_head
 from proxy.resolver import Addresses, LookupFailed, Peer, peer_of
 
@@ -968,9 +968,11 @@ class UpstreamConnection(BaseProtocol):
         else:
             due = self._last_read + self._read_timeout
             if now >= due:
-                if timer is not None and late(timer.when(), now):
+                if timer is not None and timer.when() < due + PAUSE_LATE and late(timer.when(), now):
                     # The process was paused past the timeout: the answer may be waiting unread
-                    # (the loop runs its timers before it reads). One more pass of reads first.
+                    # (the loop runs its timers before it reads). One more pass of reads first,
+                    # once per deadline (a grace's timer is armed past due + PAUSE_LATE: late in
+                    # its turn, the loop is busy, not paused, and the timeout ends it).
                     self._read_timer = self._loop.call_at(now + PAUSE_GRACE, self._check_read)
                     return
                 where = "" if self._message is None else " mid-body"

@@ -82,3 +82,54 @@ async def test_a_request_on_a_kept_alive_connection_sent_during_a_pause_is_answe
         assert origin.count("/page") == 2
     finally:
         proc.stop()
+
+
+async def test_timers_late_again_and_again_still_end_what_they_time_out(
+        tmp_path: Path, origin: Origin) -> None:
+    """A loop held up past a second again and again (stopped 3 s, run 0.05 s, as a loop busy
+    with long callbacks): the grace was given anew each time its own timer was late, so an idle
+    kept-alive connection stayed open, and a silent upstream was waited for, for as long as the
+    loop stayed late (20 s of it: 20.6 s). One grace per deadline: both end while it goes on.
+    Both deadlines (1 s) fall in the first stop, late by 2 s: each gets its grace, whose timer
+    falls in the next stop, late again."""
+    origin.route("/hang", body=b"never", delay=60, headers={"Cache-Control": "no-store"})
+    proc = await paused_proxy(tmp_path, origin)
+    port = int(proc.proxy_url.rsplit(":", 1)[1])
+    stop_cycling = asyncio.Event()
+
+    async def cycle() -> None:
+        try:
+            while not stop_cycling.is_set():
+                os.kill(proc.proc.pid, signal.SIGSTOP)
+                await asyncio.sleep(3.0)
+                os.kill(proc.proc.pid, signal.SIGCONT)
+                await asyncio.sleep(0.05)
+        finally:
+            os.kill(proc.proc.pid, signal.SIGCONT)
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        async with aiohttp.ClientSession() as session:
+            hung = asyncio.ensure_future(session.get(proc.proxy_url + "/hang"))
+            writer.write(b"GET /page HTTP/1.1\r\nHost: example.test\r\n\r\n")
+            first = await read_response(reader, "GET")
+            assert first.body == b"page"
+            for _ in range(200):
+                if origin.count("/hang"):
+                    break
+                await asyncio.sleep(0.005)
+            cycling = asyncio.ensure_future(cycle())
+            closed = asyncio.ensure_future(reader.read())  # b"" once cachegate closes it
+            # (with one grace each: closed at the second resume, about 6 s in)
+            done, _ = await asyncio.wait({closed, hung}, timeout=15)
+            still_cycling = not cycling.done()
+            stop_cycling.set()
+            await cycling
+            assert closed in done and hung in done, (closed, hung)
+            assert still_cycling
+            assert closed.result() == b""
+            assert hung.result().status == 504
+    finally:
+        stop_cycling.set()
+        writer.close()
+        proc.stop()

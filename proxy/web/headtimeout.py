@@ -379,15 +379,18 @@ class LimitedHandler(HeadTimedHandler):
     once its reply is out (``close_under_way``). A timeout's close with nothing left to send
     does not wait: over TLS it is an abort (``timed_out``), as nginx closes a timed-out one."""
 
-    __slots__ = ("_closing", "_finished", "_found_at", "_half_closed", "_handled", "_hold_handle",
-                 "_linger_for", "_lingering", "_max_connections", "_moved_at", "_opened", "_send_handle",
-                 "_send_timeout", "_started", "_unsent")
+    __slots__ = ("_closing", "_finished", "_found_at", "_graced", "_half_closed", "_handled",
+                 "_hold_handle", "_linger_for", "_lingering", "_max_connections", "_moved_at", "_opened",
+                 "_send_handle", "_send_timeout", "_started", "_unsent")
 
     def __init__(self, manager: web.Server, *, max_connections: int, send_timeout: float = 0.0,
                  lingering: tuple[float, float] = (0.0, 0.0), **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._max_connections = max_connections
         self._send_timeout = send_timeout
+        # The keep-alive deadline a late timer's grace set (``_process_keepalive``): one grace per
+        # deadline, not one more each time the grace's own timer is late too.
+        self._graced = -1.0
         # lingering_time and lingering_timeout (either 0: no lingering close), and the close
         # under way (``linger``).
         self._linger_for = lingering
@@ -517,10 +520,11 @@ class LimitedHandler(HeadTimedHandler):
             # a sample later (closed gracefully once read, reset once its client stops).
             self._keepalive_handle = loop.call_at(now + self.sample_every(), self._process_keepalive)
             return
-        if late(close_time, now):
+        if close_time != self._graced and late(close_time, now):
             # The process was paused past the timeout: a next request may be waiting unread (the
-            # loop runs its timers before it reads); closed now, it would be lost. A pass first.
-            self._next_keepalive_close_time = now + PAUSE_GRACE
+            # loop runs its timers before it reads); closed now, it would be lost. A pass first
+            # (once: a loop late again at the grace's end, busy, not paused, closes it then).
+            self._next_keepalive_close_time = self._graced = now + PAUSE_GRACE
             self._keepalive_handle = loop.call_at(now + PAUSE_GRACE, self._process_keepalive)
             return
         self.timed_out()
