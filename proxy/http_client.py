@@ -968,7 +968,12 @@ class UpstreamConnection(BaseProtocol):
         else:
             due = self._last_read + self._read_timeout
             if now >= due:
-                if timer is not None and timer.when() < due + PAUSE_LATE and late(timer.when(), now):
+                # (uvloop arms a deadline under half a millisecond away as a plain Handle, with no
+                # ``when``: run at once, on time. Asked for it, the timer failed with AttributeError
+                # and no read timeout ever came: the request waited for the origin's 30 s.)
+                when = getattr(timer, "when", None)
+                armed = when() if when is not None else now
+                if armed < due + PAUSE_LATE and late(armed, now):
                     # The process was paused past the timeout: the answer may be waiting unread
                     # (the loop runs its timers before it reads). One more pass of reads first,
                     # once per deadline (a grace's timer is armed past due + PAUSE_LATE: late in

@@ -916,3 +916,39 @@ async def test_the_answer_to_a_get_followed_by_stray_bytes_is_a_502_that_takes_n
             assert [r.target for _, r in origin.requests[:2]] == ["/broken"] * 2
             never_reused(origin, 2)
         assert not overrun_warnings(caplog)
+
+
+async def test_a_read_timer_run_as_a_plain_handle_still_times_the_read_out() -> None:
+    """uvloop arms a deadline under half a millisecond away with ``call_soon``: a plain Handle,
+    no ``when``. The late-timer check asked it for ``when``: AttributeError in the callback, no
+    timer left, and the exchange waited for an origin that never answered (a herd of 30 got the
+    origin's answer 30 s later instead of the 0.3 s read timeout's 504). Here the Handle is
+    made as uvloop makes it, on the loop the tests run."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        await reader.readuntil(b"\r\n\r\n")  # and never answers
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    pool = HostPool(URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"), 4, None, 1.0)
+    loop = asyncio.get_running_loop()
+    try:
+        conn = await pool.acquire()
+        head, _, _ = request_head("GET", "/", [], pool.host_header, None)
+        exchange = asyncio.ensure_future(conn.request(head, None, False, None, head_method=False,
+                                                      read_timeout=0.2))
+        await asyncio.sleep(0)  # the request is out, its read timer armed
+        timer = conn._read_timer
+        assert timer is not None
+        timer.cancel()  # (in its place: the Handle uvloop makes for a deadline due now)
+        await asyncio.sleep(0.25)
+        conn._read_timer = loop.call_soon(conn._check_read)
+        with pytest.raises(UpstreamError, match="read timed out"):
+            await asyncio.wait_for(exchange, 2)
+    finally:
+        await pool.close()
+        server.close()
+        for writer in accepted:
+            writer.close()
+        await server.wait_closed()
