@@ -31,7 +31,9 @@ async def test_a_purge_of_many_prefixes_holds_the_event_loop_for_a_slice_at_a_ti
         origin: Origin, proxy: Proxy) -> None:
     """Every memory record was tested against every prefix, 256 records between two turns of the
     event loop: 20,000 prefixes held clients for half a second at a time. A probe that sleeps 10 ms
-    at a time on the proxy's loop now wakes within 20 times that throughout the purge."""
+    at a time on the proxy's loop now sees the loop's thread spend under 100 ms of CPU between two
+    of its wakes (its CPU time, not the clock's: a loaded machine stretches the clock's gaps, a
+    full test run's made 257 ms of them; the held loop spent 500-770 ms of CPU at a time)."""
     paths = [f"/p/{i % 10}/{i}" for i in range(1000)] + ["/hot"]
     await fill(origin, proxy, paths)
     prefixes = [absolute(proxy, f"/nothing/{i}/") for i in range(20_000)] + [absolute(proxy, "/p/7/")]
@@ -39,10 +41,10 @@ async def test_a_purge_of_many_prefixes_holds_the_event_loop_for_a_slice_at_a_ti
     done = asyncio.Event()
 
     async def probe() -> None:
-        last = time.perf_counter()
+        last = time.thread_time()
         while not done.is_set():
             await asyncio.sleep(0.01)
-            now = time.perf_counter()
+            now = time.thread_time()
             gaps.append(now - last)
             last = now
 
@@ -52,7 +54,7 @@ async def test_a_purge_of_many_prefixes_holds_the_event_loop_for_a_slice_at_a_ti
     done.set()
     await probing
     assert (reply.status, js(reply)["purged"]) == (200, 100), reply.body
-    assert max(gaps) < 20 * 0.01, f"the loop was held for {max(gaps) * 1000:.0f} ms at a time"
+    assert max(gaps) < 0.1, f"the loop was held for {max(gaps) * 1000:.0f} ms of CPU at a time"
     for path in ("/p/7/7", "/p/7/997"):
         assert (await proxy.get(path)).x_cache == "MISS", path
     for path in ("/p/6/6", "/p/8/998", "/hot"):
