@@ -20,7 +20,8 @@ request may be what the origin failed on, and the followers' were never sent. Th
 again, once, as one new flight the first of them leads (``proxy.flight.fetches_again``).
 
 Slow readers: the fetch never waits for one client while others keep up, nor while the
-body is being stored. A reader more than ``HIGH_WATER`` bytes behind is
+body is being stored. A reader more than ``HIGH_WATER`` bytes behind (``UNSTORED_HIGH_WATER``
+when nothing stores the body: then it is all a client that stops reading holds) is
 
 - *detached* when the body is being stored: its unread bytes are dropped and it gets no
   more; at the end of the body it raises ``FellBehind`` with how far it got, and the engine
@@ -130,7 +131,16 @@ class PassMarks:
 
 # Unread bytes a reader may fall behind the fetch (beyond the history it joined with) before
 # it is detached or cut off (or, alone on an unstored body, waited for): see the module docstring.
+# A body being stored: a reader that far behind is detached to finish from the store, and holds
+# nothing more; the fetch never waits for it.
 HIGH_WATER = 4 * 1024 * 1024
+# A body not stored (pass-through, no-store, too large): what the fetch holds for a reader is all
+# that bounds the worker's memory for a client that stops reading (each such miss is a flight of
+# its own), so the fetch waits for it (or cuts it off) at this much, as nginx's proxy_buffers
+# stop reading the origin at 64 KB (4 MiB here was 4.67 MB of a worker's memory per client
+# reading nothing of a no-store download, measured). A fast client's download is not slower
+# for it (a 100 MB pass-through, measured).
+UNSTORED_HIGH_WATER = 256 * 1024
 
 
 class FellBehind(Exception):
@@ -143,21 +153,21 @@ class FellBehind(Exception):
 
 
 class TooFarBehind(ResponseAborted):
-    """A reader cut off: more than HIGH_WATER behind while others kept up, and nothing stores
-    the body for it to finish from."""
+    """A reader cut off: more than UNSTORED_HIGH_WATER behind while others kept up, and nothing
+    stores the body for it to finish from."""
 
 
 class Reader:
     """One client's view of a broadcast body: ``async for chunk in reader``."""
 
-    __slots__ = ("_broadcast", "_items", "_limit", "_pending", "_waiter", "closed", "delivered",
+    __slots__ = ("_broadcast", "_items", "_joined", "_pending", "_waiter", "closed", "delivered",
                  "detached")
 
     def __init__(self, broadcast: Broadcast) -> None:
         self._broadcast = broadcast
         self._items: collections.deque[bytes | BaseException | None] = collections.deque()
         self._pending = 0
-        self._limit = HIGH_WATER  # unread bytes before it counts as too far behind
+        self._joined = 0  # the history it joined with: unread, but not counted as behind
         self._waiter: asyncio.Future[None] | None = None
         self.closed = False
         self.delivered = 0  # bytes it has yielded
@@ -197,7 +207,7 @@ class Reader:
 
     @property
     def behind(self) -> bool:
-        return self._pending > self._limit
+        return self._pending > self._joined + self._broadcast.high_water
 
     def _drop(self) -> None:
         """Forget the bytes it has not read yet."""
@@ -308,6 +318,11 @@ class Broadcast:
         return len(self._readers)
 
     @property
+    def high_water(self) -> int:
+        """How far a reader may fall behind the fetch (``HIGH_WATER``, ``UNSTORED_HIGH_WATER``)."""
+        return HIGH_WATER if self.storing else UNSTORED_HIGH_WATER
+
+    @property
     def ended(self) -> bool:
         return self._ended
 
@@ -318,7 +333,7 @@ class Broadcast:
         reader = Reader(self)
         for chunk in self._history:
             reader._put(chunk)
-        reader._limit += reader._pending  # the history it joins with does not count against it
+        reader._joined = reader._pending  # the history it joins with does not count against it
         if self._ended:
             reader._put(self._end_error)
         else:
@@ -350,8 +365,9 @@ class Broadcast:
             self._history_size += len(chunk)
             if self._history_size > self._history_limit:
                 self._history = None
+        high_water = self.high_water
         for r in self._readers:
-            if r._pending > r._limit:
+            if r._pending > r._joined + high_water:
                 await self._make_room()
                 return
 
@@ -381,8 +397,8 @@ class Broadcast:
 
     def _cut(self, reader: Reader) -> None:
         reader._drop()
-        reader._put(TooFarBehind(f"the client fell more than {HIGH_WATER} bytes behind a shared "
-                                 "fetch that is not stored"))
+        reader._put(TooFarBehind(f"the client fell more than {UNSTORED_HIGH_WATER} bytes behind a "
+                                 "shared fetch that is not stored"))
         self._readers.remove(reader)
         self.cut_off += 1
 

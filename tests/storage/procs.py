@@ -210,11 +210,17 @@ def write_config(directory: str, origin_url: str, cache: str, extra: str = "",
 
 
 def rss_bytes(pid: int) -> int:
+    return status_bytes(pid, "VmRSS")
+
+
+def status_bytes(pid: int, field: str) -> int:
+    """A size in /proc/PID/status (``VmRSS``; ``RssAnon``: the heap, not the shared memory
+    tier), in bytes."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+    raise AssertionError(f"no {field}")
 
 
 def disk_usage(path: str) -> int:
