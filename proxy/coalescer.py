@@ -372,8 +372,13 @@ class Broadcast:
                 return
 
     async def _make_room(self) -> None:
-        """Readers too far behind: detached (the body is being stored), cut off (others keep
-        up), or waited for (all of them are behind, and nothing stores the body)."""
+        """Readers too far behind: detached (the body is being stored), cut off (more than the
+        mark behind the reader furthest ahead), or waited for (the reader furthest ahead is
+        behind too, and nothing stores the body: the origin is read at its pace).
+
+        Behind the reader furthest ahead, not behind the origin: two clients reading at one
+        speed, both slower than the origin, crossed the mark a few bytes apart, and the first
+        to cross it was cut off (6.5 MB into a 40 MB body, both at 4 MB/s)."""
         while True:
             live = [r for r in self._readers if not r.detached]
             slow = [r for r in live if r.behind]
@@ -385,9 +390,14 @@ class Broadcast:
                     r.detached = True
                 self.detached += len(slow)
                 return
-            if len(slow) < len(live):
-                for r in slow:
+            lead = min(r._pending - r._joined for r in live)
+            for r in slow:
+                # (HIGH_WATER apart, not the lone reader's mark: the kernel's send buffers take
+                # the first megabytes of each connection unevenly, and at 256 KB a client at the
+                # other's pace was cut off as soon as the head came)
+                if r._pending - r._joined - lead > HIGH_WATER:
                     self._cut(r)
+            if lead <= self.high_water:
                 return
             self._drained = asyncio.Event()
             try:
@@ -397,8 +407,8 @@ class Broadcast:
 
     def _cut(self, reader: Reader) -> None:
         reader._drop()
-        reader._put(TooFarBehind(f"the client fell more than {UNSTORED_HIGH_WATER} bytes behind a "
-                                 "shared fetch that is not stored"))
+        reader._put(TooFarBehind(f"the client fell more than {HIGH_WATER} bytes behind another "
+                                 "client of a shared fetch that is not stored"))
         self._readers.remove(reader)
         self.cut_off += 1
 

@@ -243,11 +243,14 @@ async def test_a_reader_behind_a_stored_body_is_detached_and_told_where_it_stopp
 
 
 async def test_a_reader_behind_an_unstored_body_is_cut_off_when_others_keep_up() -> None:
+    """Cut off once it is HIGH_WATER behind the reader furthest ahead (not the lone reader's
+    mark: the kernel takes each connection's first megabytes unevenly)."""
     body = Broadcast(history_limit=0)
     fast, slow = body.join(), body.join()
     assert fast is not None and slow is not None
     chunks = fast.__aiter__()
-    for _ in range(6):
+    for _ in range(HIGH_WATER // len(UNSTORED) + 2):  # (the fast one has the last chunk unread)
+        assert body.cut_off == 0
         await body.push(UNSTORED)
         await chunks.__anext__()
     assert (body.cut_off, body.readers) == (1, 1)
@@ -394,3 +397,29 @@ async def test_clients_that_read_nothing_of_an_unstored_download_hold_little_of_
             sock.close()
         await proxy.stop()
         await origin.stop()
+
+
+async def test_readers_of_an_unstored_body_at_one_pace_are_waited_for_not_cut_off() -> None:
+    """Two clients reading at one speed, both slower than the origin: the first to cross the mark
+    (here by one byte) was cut off as if the other kept up (6.5 MB into a 40 MB body, both at
+    4 MB/s). A reader is cut off only when it is the mark behind the reader furthest ahead."""
+    body = Broadcast(history_limit=0)
+    first, second = body.join(), body.join()
+    assert first is not None and second is not None
+    ahead = second.__aiter__()
+    await body.push(b"x")
+    await ahead.__anext__()  # the second is one byte ahead of the first
+    for _ in range(4):  # the first crosses the mark, by that one byte
+        await body.push(UNSTORED)
+    assert (body.cut_off, body.readers) == (0, 2)
+    blocked = asyncio.ensure_future(body.push(UNSTORED))  # both past the mark: waited for
+    await asyncio.sleep(0.01)
+    assert not blocked.done()
+    await ahead.__anext__()
+    await asyncio.wait_for(blocked, 5)  # the one ahead read a chunk: the fetch goes on
+    assert (body.cut_off, body.readers) == (0, 2)
+    read = 0
+    async for chunk in first:  # and the first, cut off before, gets every byte
+        read += len(chunk)
+        if read == 1 + 5 * len(UNSTORED):
+            break
