@@ -312,6 +312,15 @@ async def test_a_response_not_read_to_the_end_never_carries_another_request(
     assert up.connections == 2
 
 
+async def _close_all(pool: HostPool, server: asyncio.Server, accepted: list[asyncio.StreamWriter]) -> None:
+    """The pool, the test origin and the connections it accepted."""
+    await pool.close()
+    server.close()
+    for writer in accepted:
+        writer.close()
+    await server.wait_closed()
+
+
 async def test_idle_connections_are_reused_and_closed_before_the_origin_would() -> None:
     accepted: list[asyncio.StreamWriter] = []
 
@@ -352,11 +361,7 @@ async def test_idle_connections_are_reused_and_closed_before_the_origin_would() 
         await exchange()
         assert len(accepted) == 3 and pool.size == 1
     finally:
-        await pool.close()
-        server.close()
-        for writer in accepted:
-            writer.close()
-        await server.wait_closed()
+        await _close_all(pool, server, accepted)
 
 
 async def test_a_client_body_that_breaks_off_is_told_apart_from_the_upstream_failing() -> None:
@@ -407,11 +412,7 @@ async def test_a_client_body_that_breaks_off_is_told_apart_from_the_upstream_fai
             await post("/reset", slow())
         assert len(accepted) == 3
     finally:
-        await pool.close()
-        server.close()
-        for writer in accepted:
-            writer.close()
-        await server.wait_closed()
+        await _close_all(pool, server, accepted)
 
 
 @pytest.mark.parametrize("closes", [False, True], ids=["keeps the connection", "closes it"])
@@ -461,11 +462,7 @@ async def test_a_body_still_going_out_when_the_response_ended_is_cut_and_its_con
         assert not asked_after  # the body's task was cancelled with the answer whole
         assert pool.size == 0 and pool.idle == 0
     finally:
-        await pool.close()
-        server.close()
-        for writer in accepted:
-            writer.close()
-        await server.wait_closed()
+        await _close_all(pool, server, accepted)
 
 
 async def test_a_slow_upload_is_not_a_read_timeout(origin: Origin, make_proxy: MakeProxy) -> None:
@@ -947,8 +944,4 @@ async def test_a_read_timer_run_as_a_plain_handle_still_times_the_read_out() -> 
         with pytest.raises(UpstreamError, match="read timed out"):
             await asyncio.wait_for(exchange, 2)
     finally:
-        await pool.close()
-        server.close()
-        for writer in accepted:
-            writer.close()
-        await server.wait_closed()
+        await _close_all(pool, server, accepted)
