@@ -27,10 +27,12 @@ when nothing stores the body: then it is all a client that stops reading holds) 
   more; at the end of the body it raises ``FellBehind`` with how far it got, and the engine
   sends it the rest from the stored response (or aborts its connection when nothing was
   stored after all);
-- *cut off* when the body is not being stored and another reader keeps up: it raises
-  ``TooFarBehind`` (its client's connection is aborted, never ended as if complete);
-- waited for only when it is the sole reader left and nothing stores the body: then the
-  wait is back-pressure on the origin, and holds up nobody else.
+- *cut off* when the body is not being stored and it is more than ``HIGH_WATER`` behind the
+  reader furthest ahead: it raises ``TooFarBehind`` (its client's connection is aborted, never
+  ended as if complete);
+- waited for when nothing stores the body and the reader furthest ahead is past
+  ``UNSTORED_HIGH_WATER`` too (the sole reader left, or all at one pace): then the wait is
+  back-pressure on the origin, at the pace of the fastest reader.
 
 Why detach rather than cut off whenever possible: a client on a slow link is legitimate,
 and the stored copy lets it finish at its own pace without holding memory (a detached
@@ -153,7 +155,7 @@ class FellBehind(Exception):
 
 
 class TooFarBehind(ResponseAborted):
-    """A reader cut off: more than UNSTORED_HIGH_WATER behind while others kept up, and nothing
+    """A reader cut off: more than HIGH_WATER behind the reader furthest ahead, and nothing
     stores the body for it to finish from."""
 
 
@@ -372,8 +374,8 @@ class Broadcast:
                 return
 
     async def _make_room(self) -> None:
-        """Readers too far behind: detached (the body is being stored), cut off (more than the
-        mark behind the reader furthest ahead), or waited for (the reader furthest ahead is
+        """Readers too far behind: detached (the body is being stored), cut off (more than
+        HIGH_WATER behind the reader furthest ahead), or waited for (the reader furthest ahead is
         behind too, and nothing stores the body: the origin is read at its pace).
 
         Behind the reader furthest ahead, not behind the origin: two clients reading at one
