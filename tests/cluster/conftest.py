@@ -14,7 +14,7 @@ def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server = RedisServer(str(tmp_path_factory.mktemp("redis")))
     server.start()
     yield server
-    server.stop()
+    server.close()
 
 
 @pytest.fixture
@@ -23,4 +23,4 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(str(tmp_path / "redis"))
     server.start()
     yield server
-    server.stop()
+    server.close()

@@ -38,6 +38,7 @@ class RedisServer:
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = False
+        self._hold: socket.socket | None = None  # the port, held while redis-server is down
         self.args: list[str] = []  # more arguments of redis-server's, from the next start on
 
     @property
@@ -50,6 +51,7 @@ class RedisServer:
         for _ in range(5):
             if self._start_once():
                 self.started = True
+                self._release()
                 return
             if self.started:
                 break  # a restart keeps its port: the nodes were configured with it
@@ -94,6 +96,29 @@ class RedisServer:
             s.sendall(payload.encode())
             return s.recv(65536)
 
+    def _hold_port(self) -> None:
+        """Keep the port while redis-server is down, so that a restart gets it back.
+
+        Without this another test's server, binding port 0 in parallel, could be given it
+        (CI: an origin's "HTTP/1.1" answered the node, then the restart could not bind).
+        A bound socket that does not listen keeps the kernel from handing the port out, still
+        refuses connections as a stopped server does, and (both with SO_REUSEADDR) does not
+        keep redis-server from binding and listening on it."""
+        if self._hold is None:
+            hold = socket.socket()
+            hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                hold.bind(("127.0.0.1", self.port))
+            except OSError:
+                hold.close()  # taken already: the restart will say so
+                return
+            self._hold = hold
+
+    def _release(self) -> None:
+        if self._hold is not None:
+            self._hold.close()
+            self._hold = None
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -103,13 +128,21 @@ class RedisServer:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+        self._hold_port()
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+        self._hold_port()
+
+    def close(self) -> None:
+        """Stop for good: the port too."""
+        self.stop()
+        self._release()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.kill()
+            self._release()

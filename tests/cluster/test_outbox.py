@@ -157,7 +157,7 @@ async def test_an_outbox_outlives_a_kill_and_goes_to_the_redis_the_node_is_repoi
         assert await _outbox(b) == 0
     finally:
         await nodes.stop_all()
-        other.stop()
+        other.close()
 
 
 async def test_a_node_without_a_disk_says_at_stop_which_invalidations_it_could_not_send(

@@ -157,7 +157,7 @@ async def test_a_node_started_against_a_read_only_replica_says_so_not_that_it_ca
         assert f"cluster: Redis at {replica.url} is a read-only replica" in said, said
         assert "cluster.redis must name the primary" in said and "cannot reach" not in said, said
     finally:
-        replica.stop()
+        replica.close()
 
 
 @pytest.mark.slow
@@ -255,7 +255,7 @@ async def test_a_redis_without_info_is_used_unchecked_and_one_without_eval_is_re
         assert "give EVAL back its name" in said_eval and "args beginning" not in said_eval, said_eval
     finally:
         for server in servers:
-            server.stop()
+            server.close()
 
 
 class _Redis6:

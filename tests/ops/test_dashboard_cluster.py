@@ -28,7 +28,7 @@ async def test_the_cluster_panels_ask_only_for_what_a_cluster_node_exports(
         text = (await node.admin("GET", "/metrics")).body.decode()
     finally:
         await nodes.stop_all()
-        await asyncio.to_thread(redis.stop)
+        await asyncio.to_thread(redis.close)
     exported = exported_names(text)
     cluster_names = {name for _, expr in dashboard_queries() for name in METRIC.findall(expr)
                      if name.startswith(CLUSTER_PREFIX)}
