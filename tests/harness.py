@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -51,6 +52,7 @@ class Origin:
         self.counts: collections.Counter[str] = collections.Counter()
         self.runner: web.AppRunner | None = None
         self.port = 0
+        self._hold: socket.socket | None = None  # the port, while stopped to be started again
         self.ssl_context: Any = None
 
     @property
@@ -94,11 +96,32 @@ class Origin:
         site = web.TCPSite(self.runner, "127.0.0.1", port or self.port, ssl_context=self.ssl_context)
         await site.start()
         self.port = _bound(self.runner)[0][1]
+        self._release()
 
-    async def stop(self) -> None:
+    async def stop(self, hold_port: bool = False) -> None:
+        """Stop; with ``hold_port`` keep the port for a ``start`` on it.
+
+        Held by a bound socket that does not listen: connections are refused as by a stopped
+        server, the kernel gives the port to no other test's server binding port 0 in parallel,
+        and (both with SO_REUSEADDR) the restart can still bind and listen on it."""
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
+        self._release()
+        if hold_port and self.port:
+            hold = socket.socket()
+            hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                hold.bind(("127.0.0.1", self.port))
+            except OSError:
+                hold.close()  # taken already: the restart will say so
+            else:
+                self._hold = hold
+
+    def _release(self) -> None:
+        if self._hold is not None:
+            self._hold.close()
+            self._hold = None
 
 
 class Versions:

@@ -514,7 +514,7 @@ class Model:
             self.release.set()
             self.release = asyncio.Event()
         if mode == "refused":
-            await self.origin.stop()
+            await self.origin.stop(hold_port=True)
         self.mode = mode
         self.note(f"origin mode {mode}")
 

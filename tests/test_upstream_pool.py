@@ -141,7 +141,7 @@ async def test_active_health_checks_eject_and_return_an_upstream(
                "unhealthy: 2}, passive: {failures: 0}, retries: 0}\n",
         upstreams=[origin.url, second.url])
     first = proxy.runtime.pool.upstreams[0]
-    await origin.stop()
+    await origin.stop(hold_port=True)
     await wait_for(lambda: not first.healthy)
     bodies = {(await proxy.get("/h")).body for _ in range(6)}
     assert bodies == {second.url.encode()}  # no request was sent to the dead one
