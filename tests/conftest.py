@@ -22,6 +22,7 @@ if os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None:
 from hypothesis import settings as hypothesis_settings
 
 from tests.harness import Clock, Origin, Proxy, start_proxy
+from tests.ports import Ports
 from tests.storage.procs import kill_leftovers
 
 # Hypothesis's deadline (200 ms an example) is a wall-clock assertion: on 2 shared cores a policy
@@ -38,6 +39,15 @@ MakeProxy = Callable[..., Awaitable[Proxy]]
 _ROOT = str(Path(__file__).resolve().parent.parent)
 os.environ["PYTHONPATH"] = os.pathsep.join(
     dict.fromkeys([_ROOT, *(os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)]))
+
+
+@pytest.fixture
+def ports() -> Iterator[Ports]:
+    """Ports held for this test, let go at its end (tests/ports.py): ``ports.hold()`` is a
+    port nothing listens on that no other test's server is given meanwhile, where a server that
+    this test starts later can still listen."""
+    with Ports() as held:
+        yield held
 
 
 @pytest.fixture

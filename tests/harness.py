@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import re
 import shutil
@@ -31,6 +32,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy.config import Overrides, load_config
 from proxy.runtime import Runtime
 from proxy.web.server import Listeners, _bound, start_admin_listener, start_proxy_listeners
+from tests.ports import hold
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -99,24 +101,16 @@ class Origin:
         self._release()
 
     async def stop(self, hold_port: bool = False) -> None:
-        """Stop; with ``hold_port`` keep the port for a ``start`` on it.
-
-        Held by a bound socket that does not listen: connections are refused as by a stopped
-        server, the kernel gives the port to no other test's server binding port 0 in parallel,
-        and (both with SO_REUSEADDR) the restart can still bind and listen on it."""
+        """Stop; with ``hold_port`` keep the port until the next ``start`` or ``stop``: for a
+        ``start`` on it, or for a test that wants its connections refused meanwhile (no other
+        test's server is given the port: tests/ports.py)."""
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
         self._release()
         if hold_port and self.port:
-            hold = socket.socket()
-            hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                hold.bind(("127.0.0.1", self.port))
-            except OSError:
-                hold.close()  # taken already: the restart will say so
-            else:
-                self._hold = hold
+            with contextlib.suppress(OSError):  # taken already: the restart will say so
+                self._hold = hold(self.port)
 
     def _release(self) -> None:
         if self._hold is not None:

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.redis_server import free_port, redis_binary
+from tests.cluster.redis_server import redis_binary
 from tests.harness import spawn_cachegate
+from tests.ports import Ports
 from tests.test_upstream_names import Tagged
 
 
@@ -83,11 +84,11 @@ async def test_an_upstream_on_a_link_local_address_with_a_zone_is_reached_under_
 
 
 def test_a_cluster_redis_on_a_link_local_address_with_a_zone_is_reached_under_uvloop(
-        link_local: tuple[str, str], tmp_path: Path) -> None:
+        link_local: tuple[str, str], tmp_path: Path, ports: Ports) -> None:
     """redis-py handed the host text to ``open_connection``, whose lookup under uvloop dropped
     the zone: the node did not start ("no answer within the timeout")."""
     address, interface = link_local
-    port = free_port()
+    port = ports.hold(host="::")  # every address's: redis-server binds one of them later
     redis = subprocess.Popen(
         [redis_binary(), "--port", str(port), "--bind", f"{address}%{interface}", "--dir", str(tmp_path),
          "--save", "", "--appendonly", "no", "--protected-mode", "no"],

@@ -1,4 +1,4 @@
-"""A real Redis for the cluster tests: Debian's redis-server on a free loopback port in a temp dir.
+"""A real Redis for the cluster tests: Debian's redis-server on a held loopback port in a temp dir.
 
 ``scripts/test`` installs the package when it is missing; without it the tests skip
 and say why. Nothing is persisted (``save ''``, no AOF): a restart is a Redis that
@@ -17,6 +17,8 @@ import time
 
 import pytest
 
+from tests.ports import hold
+
 
 def redis_binary() -> str:
     path = shutil.which("redis-server")
@@ -26,19 +28,14 @@ def redis_binary() -> str:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class RedisServer:
     def __init__(self, directory: str) -> None:
         self.directory = directory
-        self.port = free_port()
+        self.port = 0
+        self._hold: socket.socket | None = None  # the port, held while redis-server is down
+        self._new_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = False
-        self._hold: socket.socket | None = None  # the port, held while redis-server is down
         self.args: list[str] = []  # more arguments of redis-server's, from the next start on
 
     @property
@@ -46,8 +43,8 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        """Start (or restart, on the same port). A first start whose port another process took
-        between ``free_port`` and redis-server's bind (tests run in parallel) takes another."""
+        """Start (or restart, on the same port), on the port held until redis-server listens.
+        A first start whose port another process took anyway (bound it explicitly) takes another."""
         for _ in range(5):
             if self._start_once():
                 self.started = True
@@ -55,7 +52,7 @@ class RedisServer:
                 return
             if self.started:
                 break  # a restart keeps its port: the nodes were configured with it
-            self.port = free_port()
+            self._new_port()
         raise RuntimeError(f"redis-server exited with {self.proc.returncode if self.proc else None}: "
                            + self._log_tail())
 
@@ -96,23 +93,22 @@ class RedisServer:
             s.sendall(payload.encode())
             return s.recv(65536)
 
+    def _new_port(self) -> None:
+        """A port held (tests/ports.py) from now until redis-server listens on it."""
+        self._release()
+        self._hold = hold()
+        self.port = int(self._hold.getsockname()[1])
+
     def _hold_port(self) -> None:
         """Keep the port while redis-server is down, so that a restart gets it back.
 
         Without this another test's server, binding port 0 in parallel, could be given it
         (CI: an origin's "HTTP/1.1" answered the node, then the restart could not bind).
-        A bound socket that does not listen keeps the kernel from handing the port out, still
-        refuses connections as a stopped server does, and (both with SO_REUSEADDR) does not
-        keep redis-server from binding and listening on it."""
+        The held port refuses connections as a stopped server does, and redis-server (with
+        SO_REUSEADDR) still binds and listens on it (tests/ports.py)."""
         if self._hold is None:
-            hold = socket.socket()
-            hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                hold.bind(("127.0.0.1", self.port))
-            except OSError:
-                hold.close()  # taken already: the restart will say so
-                return
-            self._hold = hold
+            with contextlib.suppress(OSError):  # taken already: the restart will say so
+                self._hold = hold(self.port)
 
     def _release(self) -> None:
         if self._hold is not None:
