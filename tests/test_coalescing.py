@@ -391,7 +391,7 @@ async def test_stale_if_error_with_the_origin_stopped_within_the_window_then_the
     origin.route("/sie", versions(clock, "max-age=1, stale-if-error=10"))
     proxy = await clocked(make_proxy, clock)
     await proxy.get("/sie")
-    await origin.stop()
+    await origin.stop(hold_port=True)
     clock.advance(6)  # stale for 5 s: inside the 10 s window
     stale = await proxy.get("/sie")
     assert (stale.status, stale.body, stale.x_cache) == (200, b"v1", "STALE")
@@ -447,7 +447,7 @@ async def test_must_and_proxy_revalidate_are_never_served_stale(
     clock.advance(5)
     failed = await proxy.get("/m")  # a 5xx is not covered by stale-if-error here
     assert (failed.status, failed.body) == (503, b"broken")
-    await origin.stop()
+    await origin.stop(hold_port=True)
     clock.advance(5)
     down = await proxy.get("/m")
     assert down.status == 504

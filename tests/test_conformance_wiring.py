@@ -99,7 +99,7 @@ async def test_must_revalidate_is_never_served_stale_and_gets_504_when_the_origi
     await proxy.get("/m")
     await proxy.get("/l")
     clock.advance(5)
-    await origin.stop()
+    await origin.stop(hold_port=True)
     strict = await proxy.get("/m")
     assert strict.status == 504
     assert "STALE-NOT-ALLOWED" in strict.cache_status

@@ -95,7 +95,7 @@ async def test_an_unkeyed_forwarding_header_cannot_poison_the_cache(origin: Orig
 
 
 async def test_refused_upstream_connection_is_a_502(origin: Origin, proxy: Proxy) -> None:
-    await origin.stop()
+    await origin.stop(hold_port=True)
     reply = await proxy.get("/gone")
     assert reply.status == 502
     assert reply.headers["Content-Type"].startswith("text/plain")

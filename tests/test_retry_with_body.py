@@ -12,8 +12,8 @@ from pathlib import Path
 
 from tests.conftest import MakeProxy
 from tests.harness import Origin
+from tests.ports import Ports
 from tests.security.misbehaving import Conn, raw_origins, response
-from tests.test_upstream_pool import closed_port_url
 
 BIG = bytes(range(256)) * 1200  # 300 KB: more than client_body_buffer (64 KB), streamed
 
@@ -23,11 +23,11 @@ def bodies(origin: Origin, path: str) -> list[bytes]:
 
 
 async def test_a_put_with_a_body_sent_to_a_refusing_upstream_is_retried_and_arrives_once(
-    origin: Origin, make_proxy: MakeProxy
+    origin: Origin, make_proxy: MakeProxy, ports: Ports
 ) -> None:
     origin.route("/put", body=b"done")
     proxy = await make_proxy(config="upstream: {retries: 1, passive: {failures: 0}}\n",
-                             upstreams=[closed_port_url(), origin.url])
+                             upstreams=[ports.url(), origin.url])
     for i in range(4):  # round robin: two of them go to the refusing upstream first
         reply = await proxy.request("PUT", f"/put?{i}", data=b"x" * i + b"!")
         assert (reply.status, reply.body) == (200, b"done")
@@ -35,10 +35,10 @@ async def test_a_put_with_a_body_sent_to_a_refusing_upstream_is_retried_and_arri
 
 
 async def test_a_post_with_a_body_is_retried_only_with_retry_non_idempotent(
-    origin: Origin, make_proxy: MakeProxy, tmp_path: Path
+    origin: Origin, make_proxy: MakeProxy, tmp_path: Path, ports: Ports
 ) -> None:
     origin.route("/post", body=b"done")
-    dead = closed_port_url()
+    dead = ports.url()
     for configured in (False, True):
         origin.seen.clear()
         proxy = await make_proxy(
@@ -88,13 +88,13 @@ async def test_a_small_body_on_a_keep_alive_connection_dropped_as_it_left_is_sen
 
 
 async def test_a_streamed_body_whose_connection_was_refused_is_retried_whole(
-    origin: Origin, make_proxy: MakeProxy
+    origin: Origin, make_proxy: MakeProxy, ports: Ports
 ) -> None:
     """Nothing of a streamed body is read before the connection is up and the head written:
     a refused try read none of it, so the next try sends all of it."""
     origin.route("/big", body=b"done")
     proxy = await make_proxy(config="upstream: {retries: 1, passive: {failures: 0}}\n",
-                             upstreams=[closed_port_url(), origin.url])
+                             upstreams=[ports.url(), origin.url])
     for i in range(2):  # one goes to the refusing upstream first
         reply = await proxy.request("PUT", f"/big?{i}", data=BIG)
         assert (reply.status, reply.body) == (200, b"done")

@@ -140,7 +140,7 @@ async def test_a_soft_purged_page_with_the_origin_gone_gets_a_502_once_its_refre
     try:
         await proxy.get("/p")
         await soft_purge(proxy)
-        await origin.stop()  # connections refused
+        await origin.stop(hold_port=True)  # connections refused
         assert (await proxy.get("/p")).x_cache == "UPDATING"
         _, after = await until_not_updating(proxy)
         assert after.status == 502 and b"version" not in after.body, after.headers.get("Cache-Status")

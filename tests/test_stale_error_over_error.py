@@ -100,7 +100,7 @@ async def test_a_stored_error_with_stale_while_revalidate_is_revalidated_first(
             assert (r.status, r.body, r.headers.get("Retry-After")) == (503, f"answer {n}\n".encode(), "77"), \
                 (r.x_cache, r.headers.get("Cache-Status"))
             assert r.x_cache not in ("UPDATING", "STALE") and answers == n
-        await origin.stop()
+        await origin.stop(hold_port=True)
         down = await proxy.get("/p")
         assert down.status == 502 and down.body != b"answer 1\n", (down.x_cache, down.headers.get("Cache-Status"))
     finally:

@@ -24,6 +24,7 @@ from proxy.upstream import CONNECT, RESPONSE, CheckResult, Selector, Upstream, U
 from proxy.web.server import Listeners, _bound, start_admin_listener, start_proxy_listeners
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy, self_signed
+from tests.ports import Ports
 from tests.security.misbehaving import Conn, Request, raw_origins, response
 
 
@@ -63,14 +64,6 @@ def test_unavailable_upstreams_get_no_traffic() -> None:
     assert sel.choose([b, c], 150.0) is c
 
 
-def closed_port_url() -> str:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"http://127.0.0.1:{port}"
-
-
 @pytest.fixture
 async def second() -> AsyncIterator[Origin]:
     o = Origin()
@@ -80,11 +73,11 @@ async def second() -> AsyncIterator[Origin]:
 
 
 async def test_idempotent_requests_are_retried_on_another_upstream(
-    origin: Origin, second: Origin, make_proxy: MakeProxy
+    origin: Origin, second: Origin, make_proxy: MakeProxy, ports: Ports
 ) -> None:
     second.route("/r", body=b"from b")
     proxy = await make_proxy(config="upstream: {retries: 1, passive: {failures: 0}}\n",
-                             upstreams=[closed_port_url(), second.url])
+                             upstreams=[ports.url(), second.url])
     for _ in range(4):
         reply = await proxy.get("/r")
         assert (reply.status, reply.body) == (200, b"from b")
@@ -202,7 +195,7 @@ async def test_with_every_upstream_down_it_is_503_or_stale_if_error(
     origin.route("/n", body=b"never stored")
     proxy = await make_proxy(config="upstream: {passive: {failures: 1, cooldown: 60s}, retries: 0}\n")
     await proxy.get("/s")
-    await origin.stop()
+    await origin.stop(hold_port=True)
     await asyncio.sleep(1.1)
     assert (await proxy.get("/boom")).status == 502  # one refused connection takes the only upstream out
     stale = await proxy.get("/s")
@@ -417,7 +410,7 @@ async def test_a_health_check_refused_or_answered_with_an_error_status_says_so(
     proxy = await make_proxy(config=HEALTH)
     line, last = await taken_out_with(proxy, caplog)
     assert last == "answered 500 to GET /healthz" and last in line
-    await origin.stop()  # now the port refuses: the reason that changed is logged
+    await origin.stop(hold_port=True)  # now the port refuses: the reason that changed is logged
     await wait_for(lambda: proxy.runtime.pool.upstreams[0].check_error == "connection refused")
     view = json.loads((await proxy.admin("GET", "/upstreams")).body)["upstreams"][0]
     assert view["health_check"]["last_error"] == "connection refused"
@@ -726,10 +719,10 @@ async def test_a_try_after_a_dropped_pooled_connection_goes_where_a_pool_has_roo
 
 
 async def test_post_is_retried_only_when_configured(
-    second: Origin, make_proxy: MakeProxy, tmp_path: Path
+    second: Origin, make_proxy: MakeProxy, tmp_path: Path, ports: Ports
 ) -> None:
     second.route("/p", body=b"done")
-    dead = closed_port_url()
+    dead = ports.url()
     for configured, expected in ((False, {200, 502}), (True, {200})):
         proxy = await make_proxy(
             config=f"upstream: {{retries: 1, retry_non_idempotent: {str(configured).lower()}, "
@@ -1041,7 +1034,7 @@ async def test_a_lone_upstream_is_taken_out_by_refused_connections_only(make_pro
             assert (await proxy.get(path)).status == status, path
         assert proxy.runtime.pool.upstreams[0].available(time.monotonic())
         assert (await proxy.get("/ok")).status == 200
-        await origin.stop()
+        await origin.stop(hold_port=True)
         await asyncio.sleep(0.05)  # the pooled connection's close is seen
         assert (await proxy.get("/ok?again")).status == 502
         down = await proxy.get("/ok")
@@ -1179,15 +1172,14 @@ async def test_a_body_delimited_by_the_end_of_a_tls_connection_is_relayed_never_
 
 @pytest.mark.slow
 async def test_with_workers_upstreams_top_level_is_the_workers_state_and_counts(
-        origin: Origin, tmp_path: Path) -> None:
+        origin: Origin, tmp_path: Path, ports: Ports) -> None:
     """``cachegate run --workers 2``, a dead upstream and a live one: GET /upstreams' top level
     was the supervisor's pool, which sends no client traffic, so it said "up", available, 0
     requests for the dead upstream while every worker had it down (passive) with the failures.
     Now it is the whole proxy's, as the console shows it; the supervisor's health_check stays."""
-    from tests.ops.test_server_and_errors import closed_port
     from tests.storage.procs import ProxyProcess, write_config
 
-    dead = f"http://127.0.0.1:{closed_port()}"
+    dead = ports.url()
     origin.route("/u", body=b"fine", headers={"Cache-Control": "no-store"})
     path = Path(write_config(str(tmp_path), origin.url, "cache: {disk: null}\n",
                              "upstream: {passive: {failures: 2, cooldown: 60s}}\n"))

@@ -76,7 +76,7 @@ async def unreachable(origin: Origin, proxy: Proxy, path: str, headers: dict[str
         await proxy.get(path)
         await settle(proxy)
         shift_clock(proxy, 10)
-    await origin.stop()
+    await origin.stop(hold_port=True)
     return await proxy.get(path)
 
 

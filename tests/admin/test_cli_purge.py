@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 from tests.admin.util import absolute, settle, swept
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
+from tests.ports import Ports
 
 TOKEN = "cli-token-42-long-enough"
 
@@ -130,15 +130,13 @@ async def test_the_servers_error_is_printed_and_the_exit_status_is_1(origin: Ori
     assert (await proxy.get("/a")).x_cache == "HIT"
 
 
-async def test_no_target_or_no_admin_api_is_an_error() -> None:
+async def test_no_target_or_no_admin_api_is_an_error(ports: Ports) -> None:
     code, _, err = await cachegate("purge", "--admin", "http://127.0.0.1:9")
     assert code == 2 and "give URLs, --tag, --prefix or --all" in err
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    code, out, err = await cachegate("purge", "--admin", f"http://127.0.0.1:{port}", "--all")
+    down = ports.url()  # a port nobody listens on
+    code, out, err = await cachegate("purge", "--admin", down, "--all")
     assert (code, out) == (1, "")
-    assert f"cannot reach the admin API at http://127.0.0.1:{port}" in err
+    assert f"cannot reach the admin API at {down}" in err
 
 
 async def test_the_purge_command_has_help(origin: Origin) -> None:
@@ -166,10 +164,8 @@ async def test_a_cluster_purge_not_acknowledged_by_every_node_prints_its_answer_
     app.router.add_get("/healthz", healthz)
     runner = web.AppRunner(app)
     await runner.setup()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
     try:
         code, out, err = await cachegate("purge", "--admin", f"http://127.0.0.1:{port}", "--tag", "t")
     finally:

@@ -16,7 +16,7 @@ from proxy.web.server import install_reloader
 from tests.admin.util import absolute, settle
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
-from tests.ops.test_server_and_errors import closed_port
+from tests.ports import Ports
 from tests.security.misbehaving import Conn, raw_origins, response
 
 CONFIG = "cache: {memory: 40KB, memory_max_object: 2KB, disk: {path: cache, size: 64MB, shards: 2}}\n"
@@ -68,7 +68,7 @@ async def test_every_family_is_there_with_its_labels(origin: Origin, make_proxy:
     origin.route("/after", body=b"a", headers={"Cache-Control": "max-age=60"})
     await proxy.get("/after")  # the purges emptied memory: one entry again
     await settle(proxy)
-    await origin.stop()
+    await origin.stop(hold_port=True)
     await proxy.get("/down")  # an upstream error
 
     m = await scrape(proxy)
@@ -313,7 +313,7 @@ def documented_query(title: str) -> str:
 
 
 async def test_the_documented_upstream_error_rate_counts_each_failure_once(
-    origin: Origin, make_proxy: MakeProxy
+    origin: Origin, make_proxy: MakeProxy, ports: Ports
 ) -> None:
     """A 5xx answer is in cachegate_upstream_requests_total{status_class="5xx"} and in
     cachegate_upstream_errors_total{kind="status_5NN"}: the query added both, and an origin
@@ -328,7 +328,7 @@ async def test_the_documented_upstream_error_rate_counts_each_failure_once(
         return web.Response(status=status, body=b"x", headers={"Cache-Control": "no-store"})
 
     origin.route("/half", half)
-    down = f"http://127.0.0.1:{closed_port()}"
+    down = ports.url()
     proxy = await make_proxy(upstreams=[origin.url, down])
     for _ in range(20):
         await proxy.get("/half")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import time
 import uuid
 
@@ -20,6 +19,7 @@ from proxy.cluster.shared import SharedTier, shared_ttl
 from proxy.purge import PurgeSpec
 from proxy.storage.entry import Entry, encode_variants, entry_from_json
 from tests.cluster.redis_server import RedisServer
+from tests.ports import Ports
 
 pytestmark = pytest.mark.slow
 
@@ -193,10 +193,9 @@ async def test_a_failure_of_every_lookup_is_logged_once_and_counted_each_time(
         await tier.close()
 
 
-async def test_a_redis_that_is_down_is_logged_once_not_per_lookup(caplog: pytest.LogCaptureFixture) -> None:
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+async def test_a_redis_that_is_down_is_logged_once_not_per_lookup(
+        caplog: pytest.LogCaptureFixture, ports: Ports) -> None:
+    port = ports.hold()  # a port nothing listens on
     tier = SharedTier(ClusterSettings(redis=f"redis://127.0.0.1:{port}/0", node="a", namespace="down", timeout=2.0))
     caplog.set_level(logging.INFO, "cachegate.cluster.shared")
     try:

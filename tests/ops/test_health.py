@@ -13,7 +13,7 @@ import pytest
 from proxy.cli import main
 from tests.conftest import MakeProxy
 from tests.harness import Origin
-from tests.ops.test_server_and_errors import closed_port
+from tests.ports import Ports
 
 
 async def test_healthz_is_503_while_starting_or_stopping(make_proxy: MakeProxy) -> None:
@@ -25,15 +25,15 @@ async def test_healthz_is_503_while_starting_or_stopping(make_proxy: MakeProxy) 
 
 
 async def test_cachegate_health_exits_0_only_when_healthz_answers_200(
-    make_proxy: MakeProxy, capsys: pytest.CaptureFixture[str]
+    make_proxy: MakeProxy, capsys: pytest.CaptureFixture[str], ports: Ports
 ) -> None:
-    proxy = await make_proxy(config=f"admin: {{listen: '127.0.0.1:{closed_port()}'}}\n")
+    proxy = await make_proxy(config=f"admin: {{listen: '127.0.0.1:{ports.hold()}'}}\n")
     assert await asyncio.to_thread(main, ["health", "--admin", proxy.admin_url]) == 0
     assert await asyncio.to_thread(main, ["health", "--config", proxy.config_path]) == 0  # its admin.listen
     proxy.runtime.state = "starting"
     assert await asyncio.to_thread(main, ["health", "--admin", proxy.admin_url]) == 1
     assert "503" in capsys.readouterr().err
-    assert await asyncio.to_thread(main, ["health", "--admin", f"http://127.0.0.1:{closed_port()}"]) == 1
+    assert await asyncio.to_thread(main, ["health", "--admin", ports.url()]) == 1
     assert "cannot reach the admin API" in capsys.readouterr().err
 
 
@@ -186,7 +186,7 @@ def test_workers_health_says_degraded_when_none_serves_or_one_keeps_exiting(
 
 
 async def test_cachegate_health_reads_only_the_admin_listener_of_the_config(
-    make_proxy: MakeProxy, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    make_proxy: MakeProxy, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, ports: Ports
 ) -> None:
     """The Docker HEALTHCHECK (`cachegate health --config`) reports on the running process: a
     rule file saved with a mistake (a reload refuses it, the instance serves on) or a wrong
@@ -194,7 +194,7 @@ async def test_cachegate_health_reads_only_the_admin_listener_of_the_config(
     healthy instance. Only admin.listen and admin.token are read; a mistake in them is still
     FILE:LINE, exit 2."""
     monkeypatch.delenv("CACHEGATE_ADMIN_TOKEN", raising=False)
-    port = closed_port()
+    port = ports.hold()
     proxy = await make_proxy(config=f"admin: {{listen: '127.0.0.1:{port}'}}\n",
                              rules="rules:\n  - name: ok\n    match: {path: /static/**}\n    ttl: 5m\n")
     config = Path(proxy.config_path)
@@ -208,7 +208,7 @@ async def test_cachegate_health_reads_only_the_admin_listener_of_the_config(
     assert '"purged"' in capsys.readouterr().out
     # admin.listen edited: a restart applies it; until then the refusal says where it came from.
     good = config.read_text()  # noqa: ASYNC240 (a small local file)
-    config.write_text(good.replace(f"127.0.0.1:{port}", f"127.0.0.1:{closed_port()}"))  # noqa: ASYNC240 (a small local file)
+    config.write_text(good.replace(f"127.0.0.1:{port}", f"127.0.0.1:{ports.hold()}"))  # noqa: ASYNC240 (a small local file)
     assert await asyncio.to_thread(main, ["health", "--config", str(config)]) == 1
     err = capsys.readouterr().err
     assert "cannot reach the admin API" in err and f"admin.listen of {config}" in err and "restart" in err

@@ -23,6 +23,7 @@ from proxy.errors import ClientGone
 from proxy.web.bodyreader import BodyReader
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
+from tests.ports import Ports
 from tests.rules.util import settle
 
 
@@ -355,18 +356,17 @@ async def test_empty_lines_between_requests_begin_no_head(
 
 
 async def test_a_head_answered_with_cachegates_own_error_page_sends_and_counts_no_body(
-    tmp_path: Path, origin: Origin, make_proxy: MakeProxy
+    tmp_path: Path, origin: Origin, make_proxy: MakeProxy, ports: Ports
 ) -> None:
     """A HEAD while the origin is down is answered with cachegate's 502 page's head (its
     Content-Length says 56): it was logged "bytes":56 and added 56 to
     cachegate_response_bytes_total{tier="none"}, though no body byte went out. A HEAD's bytes
     are 0 (docs/logs.md); the GET beside it counts its page."""
     from tests.admin.test_metrics import scrape, value
-    from tests.ops.test_server_and_errors import closed_port
 
     log_file = tmp_path / "access.log"
     proxy = await make_proxy(config=f"access_log: {{path: {log_file}}}\nupstream: {{retries: 0}}\n",
-                             upstreams=[f"http://127.0.0.1:{closed_port()}"])
+                             upstreams=[ports.url()])
     before = value(await scrape(proxy), "cachegate_response_bytes_total", tier="none")
     head = await proxy.request("HEAD", "/down/h", headers={"Host": "example.test"})
     assert head.status == 502 and head.body == b"" and int(head.headers["Content-Length"]) > 0

@@ -47,6 +47,7 @@ from proxy.metrics import Metrics
 from proxy.web.fastpath import ProxyServer
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy, write_config
+from tests.ports import Ports
 from tests.tmpfs import mounted_tmpfs
 
 RFC3339_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -849,15 +850,14 @@ def children(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-async def test_a_502s_detail_is_in_the_error_log_with_its_request_id(tmp_path: Path) -> None:
+async def test_a_502s_detail_is_in_the_error_log_with_its_request_id(tmp_path: Path, ports: Ports) -> None:
     """A real `cachegate run` with JSON logs: the client's 502 names no address; the error log
     line about it does, with the same request id and the worker."""
     import aiohttp
 
     from tests.harness import spawn_cachegate
-    from tests.ops.test_server_and_errors import closed_port
 
-    down = f"http://127.0.0.1:{closed_port()}"
+    down = ports.url()
     config = write_config(str(tmp_path), down, "access_log: true\n")
     proc = await asyncio.to_thread(spawn_cachegate, ["run", "--config", config, "--log-level", "warning"])
     try:

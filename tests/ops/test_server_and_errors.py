@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 
 import pytest
 
 from tests.conftest import MakeProxy
 from tests.harness import Origin
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then closed again)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.ports import Ports
 
 
 async def raw_exchange(port: int, data: bytes) -> bytes:
@@ -74,9 +67,9 @@ async def test_the_admin_api_does_not_name_versions_either(make_proxy: MakeProxy
 
 
 async def test_a_502_says_what_happened_without_the_upstream_address(
-    make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture
+    make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture, ports: Ports
 ) -> None:
-    port = closed_port()
+    port = ports.hold()
     proxy = await make_proxy(upstreams=[f"http://127.0.0.1:{port}"])
     with caplog.at_level(logging.WARNING, logger="cachegate"):
         reply = await proxy.get("/x")

@@ -69,7 +69,7 @@ async def test_a_failure_hidden_by_stale_if_error_is_one_warning_and_names_its_u
         proxy.runtime.engine.clock = clock
         assert (await proxy.get("/page")).body == b"original"
         if failure == "refused":
-            await origin.stop()
+            await origin.stop(hold_port=True)
         clock.advance(5)
         caplog.clear()
         herd = [asyncio.ensure_future(proxy.get("/page")) for _ in range(5)]  # one fetch, five clients

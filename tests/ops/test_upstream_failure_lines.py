@@ -14,7 +14,6 @@ import json
 import logging
 import random
 import re
-import socket
 import string
 import time
 import urllib.request
@@ -29,16 +28,10 @@ import proxy.logs
 from proxy.logs import LineFormatter
 from tests.conftest import MakeProxy
 from tests.harness import spawn_cachegate, write_config
+from tests.ports import Ports
 from tests.security.misbehaving import Conn, Serve, raw_origins
 
 WINDOW = 1.0  # seconds: the in-process proxy's window, shorter than the default to keep the test short
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on: a connection to it is refused."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Lines(logging.Handler):
@@ -81,9 +74,9 @@ def counted(lines: list[dict[str, Any]]) -> int:
 
 
 async def test_an_outage_under_load_is_a_few_lines_per_upstream_that_add_up_to_the_metric(
-        make_proxy: MakeProxy, lines: Lines, monkeypatch: pytest.MonkeyPatch) -> None:
+        make_proxy: MakeProxy, lines: Lines, monkeypatch: pytest.MonkeyPatch, ports: Ports) -> None:
     monkeypatch.setattr(proxy.logs, "SUMMARY_WINDOW", WINDOW, raising=False)
-    a, b = (f"http://127.0.0.1:{closed_port()}" for _ in range(2))
+    a, b = ports.url(), ports.url()
     # Each request one try (retries: 0) at one of the two (round robin), and both stay in the
     # pool (passive checks off): every request is one failure of one upstream.
     cg = await make_proxy(config="upstream: {retries: 0, passive: {failures: 0}}\n", upstreams=[a, b])
@@ -120,10 +113,11 @@ async def test_an_outage_under_load_is_a_few_lines_per_upstream_that_add_up_to_t
 
 
 @pytest.mark.slow
-def test_cachegate_run_summarises_the_failures_of_a_down_origin_in_its_json_error_log(tmp_path: Path) -> None:
+def test_cachegate_run_summarises_the_failures_of_a_down_origin_in_its_json_error_log(
+        tmp_path: Path, ports: Ports) -> None:
     """The default window, in a real process, as an operator's journal gets it: JSON lines on
     standard error (the access log is JSON)."""
-    url = f"http://127.0.0.1:{closed_port()}"
+    url = ports.url()
     config = write_config(str(tmp_path), url, "access_log: {format: json, path: access.log}\n"
                                               "upstream: {retries: 0, passive: {failures: 0}}\n")
     cg = spawn_cachegate(["run", "--config", config])
@@ -184,9 +178,11 @@ class FailingOrigin:
     """A loopback origin that fails as told (``mode``): ``"short"``, a head and 10 bytes of a
     body whose Content-Length grows with each request (the same failure, with other numbers in
     its message); ``"close"``, the request read and the connection closed without an answer;
-    ``stop()``, nothing listening any more (a connection is refused)."""
+    ``stop()``, nothing listening any more (a connection is refused; its port held till the test
+    ends, so that no other test's server is given it meanwhile)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ports: Ports) -> None:
+        self.ports = ports
         self.mode = "short"
         self.served = 0
         self.server: asyncio.Server | None = None
@@ -208,19 +204,22 @@ class FailingOrigin:
 
     async def stop(self) -> None:
         if self.server is not None:
+            port = self.server.sockets[0].getsockname()[1]
             self.server.close()
             await self.server.wait_closed()
+            self.server = None
+            self.ports.hold(port)
 
 
 async def test_another_failure_of_the_same_upstream_and_kind_is_logged_at_once(
-        make_proxy: MakeProxy, lines: Lines, monkeypatch: pytest.MonkeyPatch) -> None:
+        make_proxy: MakeProxy, lines: Lines, monkeypatch: pytest.MonkeyPatch, ports: Ports) -> None:
     """Within one window, an origin that closes connections unanswered and then refuses them:
     both are ``connect`` failures of one upstream, and each is logged at once with its request
     id (summarised by message too, not by the format of the line alone: the refusal, the origin
     down, was only counted under the first one's line, and no line said it). Bodies cut short at
     ever other lengths are one failure, not one per length."""
     monkeypatch.setattr(proxy.logs, "SUMMARY_WINDOW", 60.0, raising=False)  # all in one window
-    origin = FailingOrigin()
+    origin = FailingOrigin(ports)
     url = await origin.start()
     try:
         cg = await make_proxy(config="upstream: {retries: 0, passive: {failures: 0}}\n", upstreams=[url])

@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from tests.ports import Ports
+
 if TYPE_CHECKING:
     from proxy.coalescer import Flight
     from tests.harness import Proxy
@@ -64,6 +66,7 @@ class RawOrigin:
     server: asyncio.Server | None = None
     connections: int = 0
     requests: list[tuple[int, Request]] = field(default_factory=list)  # (connection, request)
+    ports: Ports | None = None  # where ``stop(hold_port=True)`` holds the port (``raw_origins``'s)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
 
@@ -90,9 +93,14 @@ class RawOrigin:
             self._writers.discard(writer)
             self._tasks.discard(task)
 
-    async def stop(self) -> None:
+    async def stop(self, hold_port: bool = False) -> None:
+        """Stop; with ``hold_port`` keep the port till ``raw_origins`` ends: its connections are
+        refused, and no other test's server is given it meanwhile (tests/ports.py)."""
         if self.server is not None:
+            port = self.server.sockets[0].getsockname()[1] if self.server.sockets else 0
             self.server.close()
+            if hold_port and port and self.ports is not None:
+                self.ports.hold(port)
         for writer in list(self._writers):
             writer.close()
         for task in list(self._tasks):
@@ -109,18 +117,18 @@ StartOrigin = Callable[[Serve], Awaitable[RawOrigin]]
 @contextlib.asynccontextmanager
 async def raw_origins() -> AsyncIterator[StartOrigin]:
     started: list[RawOrigin] = []
+    with Ports() as ports:  # those of origins stopped with ``hold_port``, till the end
+        async def start(serve: Serve) -> RawOrigin:
+            origin = RawOrigin(serve, ports=ports)
+            origin.server = await asyncio.start_server(origin._handle, "127.0.0.1", 0)
+            started.append(origin)
+            return origin
 
-    async def start(serve: Serve) -> RawOrigin:
-        origin = RawOrigin(serve)
-        origin.server = await asyncio.start_server(origin._handle, "127.0.0.1", 0)
-        started.append(origin)
-        return origin
-
-    try:
-        yield start
-    finally:
-        for origin in started:
-            await origin.stop()
+        try:
+            yield start
+        finally:
+            for origin in started:
+                await origin.stop()
 
 
 def response(status: str, fields: dict[str, str], body: bytes = b"", *, length: bool = True) -> bytes:

@@ -71,7 +71,7 @@ async def test_while_the_origin_fails_bob_never_gets_alices_expired_page(
     page = Personal(fields)
     await alice_fills(origin, proxy, page)
     if failure == "origin down":
-        await origin.stop()
+        await origin.stop(hold_port=True)
     else:
         page.failing = True
     bob = await proxy.get("/account", headers={"Cookie": "session=bob"})
