@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 from pathlib import Path
 
 import aiohttp
@@ -13,6 +12,7 @@ import pytest
 
 from proxy.cli import main
 from tests.harness import Origin, spawn_cachegate, write_config
+from tests.ports import Ports
 
 
 def write(path: Path, text: str) -> str:
@@ -267,7 +267,8 @@ def test_the_readme_cli_synopsis_names_every_flag_of_every_command() -> None:
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_one_address_written_two_ways_in_listen_is_refused_before_binding(tmp_path: Path, workers: str) -> None:
+def test_one_address_written_two_ways_in_listen_is_refused_before_binding(
+        tmp_path: Path, workers: str, ports: Ports) -> None:
     """``listen: [127.0.0.1:P, localhost:P]`` passed check; then a single process failed with a
     bare "address already in use", and with workers the supervisor blamed "another cachegate"
     with its own pid. The names are resolved at check time: FILE:LINE, exit 2, nothing bound.
@@ -275,9 +276,7 @@ def test_one_address_written_two_ways_in_listen_is_refused_before_binding(tmp_pa
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = ports.hold()
     config = write(tmp_path / "c.yaml", f"listen: ['127.0.0.1:{port}', 'localhost:{port}']\n"
                    "upstreams: [{url: 'http://127.0.0.1:9'}]\nadmin: {listen: '127.0.0.1:0'}\n"
                    f"cache: {{disk: {{path: '{tmp_path}/cache'}}}}\n")

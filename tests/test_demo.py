@@ -22,14 +22,16 @@ import pytest
 
 from proxy.cli import build_parser
 from tests.harness import spawn_cachegate
+from tests.ports import Ports
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@pytest.fixture
+def origin_listen(ports: Ports) -> list[str]:
+    """``--origin-listen`` on a held port (tests/ports.py): not port 0, which the demo's config
+    would name as the upstream's port before the origin is bound."""
+    return ["--origin-listen", f"127.0.0.1:{ports.hold()}"]
 
 
 def demo_steps(text: str) -> list[tuple[float, list[str], str]]:
@@ -60,16 +62,14 @@ async def carry_out(session: aiohttp.ClientSession, argv: list[str]) -> tuple[st
         return r.headers.get("X-Cache-Status"), await r.text()
 
 
-async def test_demo_shows_miss_hit_revalidated_purge_miss(tmp_path: Path) -> None:
-    origin, listen, admin = free_port(), free_port(), free_port()
+async def test_demo_shows_miss_hit_revalidated_purge_miss(tmp_path: Path, origin_listen: list[str]) -> None:
     demo = await asyncio.to_thread(spawn_cachegate, [
-        "demo", "--origin-listen", f"127.0.0.1:{origin}", "--listen", f"127.0.0.1:{listen}",
-        "--admin-listen", f"127.0.0.1:{admin}", "--cache-dir", str(tmp_path / "cache"),
-        "--rules", str(ROOT / "rules" / "default.yaml")])
+        "demo", *origin_listen, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+        "--cache-dir", str(tmp_path / "cache"), "--rules", str(ROOT / "rules" / "default.yaml")])
     try:
         steps = demo_steps(demo.text)
         assert [word for _, _, word in steps] == ["MISS:", "HIT:", "REVALIDATED:", '{"purged":', "MISS"]
-        assert f"http://127.0.0.1:{origin}" in demo.text
+        assert f"origin on http://{origin_listen[1]}," in demo.text
         async with aiohttp.ClientSession() as session:
             for wait, argv, word in steps:
                 await asyncio.sleep(wait)
@@ -117,8 +117,8 @@ def run_demo(*args: str, timeout: float = 30.0, cwd: Path | None = None) -> tupl
 
 
 @pytest.mark.slow
-def test_scripts_run_passes_its_flags_to_the_demo_and_starts_with_an_empty_cache() -> None:
-    origin, listen, admin = free_port(), free_port(), free_port()
+def test_scripts_run_passes_its_flags_to_the_demo_and_starts_with_an_empty_cache(ports: Ports) -> None:
+    origin, listen, admin = ports.hold(), ports.hold(), ports.hold()  # held across both runs
     flags = ["--origin-listen", f"127.0.0.1:{origin}", "--listen", f"127.0.0.1:{listen}",
              "--admin-listen", f"127.0.0.1:{admin}"]
     for _ in range(2):  # a second run is not served from the first one's cache
@@ -130,7 +130,8 @@ def test_scripts_run_passes_its_flags_to_the_demo_and_starts_with_an_empty_cache
 
 
 @pytest.mark.slow
-def test_scripts_run_takes_relative_paths_from_the_directory_it_is_called_in(tmp_path: Path) -> None:
+def test_scripts_run_takes_relative_paths_from_the_directory_it_is_called_in(
+        tmp_path: Path, origin_listen: list[str]) -> None:
     """scripts/run works in the checkout (the demo's rules/default.yaml), but --config,
     --cache-dir and --rules name files from where it was called; demo.yaml goes inside the
     cache folder given, not into its parent."""
@@ -143,9 +144,8 @@ def test_scripts_run_takes_relative_paths_from_the_directory_it_is_called_in(tmp
         assert code == 0 and "proxy listening on" in text, (config, text)
     (tmp_path / "r").mkdir()
     (tmp_path / "r/mine.yaml").write_text((ROOT / "rules/default.yaml").read_text())
-    code, text = run_demo("--origin-listen", f"127.0.0.1:{free_port()}", "--listen", f"127.0.0.1:{free_port()}",
-                          "--admin-listen", f"127.0.0.1:{free_port()}", "--cache-dir", "kept",
-                          "--rules=r/mine.yaml", cwd=tmp_path)
+    code, text = run_demo(*origin_listen, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+                          "--cache-dir", "kept", "--rules=r/mine.yaml", cwd=tmp_path)
     assert code == 0, text
     assert f"empty cache in {tmp_path / 'kept'}" in text, text
     assert f"rules: [{tmp_path / 'r/mine.yaml'}]" in (tmp_path / "kept/demo.yaml").read_text()
@@ -220,24 +220,23 @@ def test_scripts_run_knows_the_flags_of_cachegate_run_and_demo() -> None:
 
 
 @pytest.mark.slow
-def test_the_demo_says_when_it_reuses_a_cache(tmp_path: Path) -> None:
+def test_the_demo_says_when_it_reuses_a_cache(tmp_path: Path, origin_listen: list[str]) -> None:
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "something").write_text("x")
-    code, text = run_demo("--origin-listen", f"127.0.0.1:{free_port()}", "--listen", f"127.0.0.1:{free_port()}",
-                          "--admin-listen", f"127.0.0.1:{free_port()}", "--cache-dir", str(cache))
+    code, text = run_demo(*origin_listen, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+                          "--cache-dir", str(cache))
     assert code == 0, text
     assert f"reusing the cache in {cache}" in text, text
 
 
 @pytest.mark.slow
-def test_the_demo_checks_it_can_listen_before_it_prints_the_curl_lines() -> None:
+def test_the_demo_checks_it_can_listen_before_it_prints_the_curl_lines(origin_listen: list[str]) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        code, text = run_demo("--origin-listen", f"127.0.0.1:{free_port()}", "--listen", f"127.0.0.1:{port}",
-                              "--admin-listen", f"127.0.0.1:{free_port()}")
+        code, text = run_demo(*origin_listen, "--listen", f"127.0.0.1:{port}", "--admin-listen", "127.0.0.1:0")
     assert code == 1, text
     assert "cannot listen" in text, text
     assert "curl" not in text, text

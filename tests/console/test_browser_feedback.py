@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import pytest
 from tests.cluster.nodes import wait_until
 from tests.console.browser import browser_page, need_browser, until
 from tests.harness import Origin
+from tests.ports import Ports
 from tests.storage.procs import ProxyProcess, write_config
 
 pytestmark = pytest.mark.slow
@@ -32,12 +32,6 @@ rules:
     match: {path: "/static/**"}
     ttl: {200: 1h}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def start(tmp_path: Path, origin: Origin, *args: str, extra: str = "",
@@ -140,7 +134,7 @@ async def live(proxy: ProxyProcess, token: str | None) -> Any:
 
 @pytest.mark.parametrize("token", [None, TOKEN], ids=["no-token", "token"])
 async def test_after_a_restart_the_charts_hold_the_new_process_points_only(
-        origin: Origin, tmp_path: Path, token: str | None) -> None:
+        origin: Origin, tmp_path: Path, token: str | None, ports: Ports) -> None:
     """The page asked for points after the old process's last ``seq``: once the new process had
     counted past it, those came back and were drawn after the old process's points. Without a
     token the page polls on by itself; with one, its session ended with the restart and it logs in
@@ -148,7 +142,7 @@ async def test_after_a_restart_the_charts_hold_the_new_process_points_only(
     from playwright.async_api import expect
 
     need_browser()
-    port = free_port()  # the same admin port after the restart: the page's origin stays
+    port = ports.hold()  # the same admin port after the restart (the page's origin stays): held across it
     admin = f"{{listen: '127.0.0.1:{port}'" + (f", token: {token}}}" if token else "}")
     proxy = await start(tmp_path, origin, admin=admin)
     try:

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from tests.harness import Origin
+from tests.ports import Ports
 from tests.storage.procs import HOST, ProxyProcess
 
 pytestmark = pytest.mark.slow
@@ -32,14 +33,6 @@ def ipv6_loopback() -> bool:
 
 
 needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(), reason="::1 cannot be bound here (no IPv6 loopback)")
-
-
-def free_port_in_both_families() -> int:
-    """A port free on 0.0.0.0 and on :: (a dual-stack socket takes both halves to find it)."""
-    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        s.bind(("::", 0))
-        return int(s.getsockname()[1])
 
 
 def config(tmp_path: Path, origin: Origin, listen: str) -> str:
@@ -65,15 +58,21 @@ async def refused(host: str, port: int) -> bool:
 
 @contextlib.asynccontextmanager
 async def serving(origin: Origin, tmp_path: Path, workers: list[str], listen: str) -> AsyncIterator[int]:
-    """cachegate run with ``listen`` (``{port}`` in it: a port free in both families); yields that port."""
+    """cachegate run with ``listen`` (``{port}`` in it: a port held in both families until it
+    listens, tests/ports.py); yields that port. While it runs, the IPv4 half of the port is
+    held when it does not listen there: refused, and no other test's server is given it."""
     origin.route("/page", body="ok")
-    port = free_port_in_both_families()
-    proxy = ProxyProcess(str(tmp_path), config(tmp_path, origin, listen.format(port=port)))
-    await proxy.start(*workers)
-    try:
-        yield port
-    finally:
-        assert await proxy.stop() == 0
+    with Ports() as ports:
+        port = ports.hold(host="::")
+        proxy = ProxyProcess(str(tmp_path), config(tmp_path, origin, listen.format(port=port)))
+        await proxy.start(*workers)
+        ports.release(port)
+        with contextlib.suppress(OSError):  # cachegate listens there
+            ports.hold(port, "0.0.0.0")
+        try:
+            yield port
+        finally:
+            assert await proxy.stop() == 0
 
 
 @needs_ipv6
@@ -91,4 +90,6 @@ async def test_each_listener_serves_the_family_of_its_address(
         else:
             assert await refused("127.0.0.1", port)
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as other:
+                other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (beside the held half)
                 other.bind(("0.0.0.0", port))  # another server may take the IPv4 half
+                other.listen()

@@ -13,6 +13,7 @@ import pytest
 from proxy.config import Overrides, load_config
 from proxy.runtime import CacheDirectoryInUse, Runtime
 from tests.harness import Origin
+from tests.ports import Ports
 from tests.storage.procs import ProxyProcess, write_config
 
 pytestmark = pytest.mark.slow
@@ -92,7 +93,7 @@ async def test_a_second_supervisor_on_the_same_port_refuses_to_start(origin: Ori
 
 
 async def test_a_second_supervisor_on_the_wildcard_address_of_a_running_ones_port_refuses_to_start(
-        origin: Origin, tmp_path: Path) -> None:
+        origin: Origin, tmp_path: Path, ports: Ports) -> None:
     """An instance on 127.0.0.2:P (SO_REUSEPORT) and a second on 0.0.0.0:P: the connect probe tried
     127.0.0.1 alone, nothing answered there, and the second started; the kernel then split the
     connections by their destination address. (The other order was refused.) Its own workers,
@@ -100,9 +101,7 @@ async def test_a_second_supervisor_on_the_wildcard_address_of_a_running_ones_por
     cache = "cache: {memory: 16MB, disk: {path: cache, size: 64MB, shards: 2}}\n"
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.2", 0))
-        port = s.getsockname()[1]
+    port = ports.hold(host="127.0.0.2")
     first = ProxyProcess(str(tmp_path / "a"), write_config(str(tmp_path / "a"), origin.url, cache))
     await first.start("--workers", "2", "--listen", f"127.0.0.2:{port}")
     try:
@@ -115,7 +114,7 @@ async def test_a_second_supervisor_on_the_wildcard_address_of_a_running_ones_por
         assert await first.stop() == 0
 
 
-def test_a_reserved_port_is_locked_before_any_worker_listens(tmp_path: Path) -> None:
+def test_a_reserved_port_is_locked_before_any_worker_listens(tmp_path: Path, ports: Ports) -> None:
     """The connect probe cannot see a supervisor whose workers do not listen yet: the lock does."""
     from proxy.supervisor import Supervisor
 
@@ -126,6 +125,7 @@ def test_a_reserved_port_is_locked_before_any_worker_listens(tmp_path: Path) -> 
     first = supervisor("127.0.0.1:0")
     reserved = first._reserve_ports()
     try:
+        ports.hold(first._ports[0])  # from the release to ``again``'s reservation (tests/ports.py)
         second = supervisor(f"127.0.0.1:{first._ports[0]}")
         with pytest.raises(OSError, match=rf"127\.0\.0\.1:{first._ports[0]} is in use by another "
                                           rf"cachegate \(pid {os.getpid()}\)"):
@@ -136,7 +136,8 @@ def test_a_reserved_port_is_locked_before_any_worker_listens(tmp_path: Path) -> 
     again._release(again._reserve_ports())
 
 
-def test_two_listeners_of_one_supervisor_on_one_address_do_not_blame_another_cachegate(tmp_path: Path) -> None:
+def test_two_listeners_of_one_supervisor_on_one_address_do_not_blame_another_cachegate(
+        tmp_path: Path, ports: Ports) -> None:
     """The config refuses one address listed twice; should two listeners still meet (a name
     that resolves differently at the start), the supervisor named "another cachegate" with its
     own pid."""
@@ -145,9 +146,7 @@ def test_two_listeners_of_one_supervisor_on_one_address_do_not_blame_another_cac
     from proxy.config import Listener
     from proxy.supervisor import Supervisor
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = ports.hold()
     config = write_config(str(tmp_path), "http://127.0.0.1:9", "cache: {memory: 4MB}\n")
     settings = load_config(config, Overrides(listen=(f"127.0.0.1:{port}",)))
     settings = replace(settings, listeners=(*settings.listeners, Listener("127.0.0.1", port)))
