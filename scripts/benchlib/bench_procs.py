@@ -32,11 +32,20 @@ MB = 1 << 20
 CACHEGATE_MEMORY = 256 * MB  # the memory tier budget the RSS target is measured against
 
 
+_HELD: list[socket.socket] = []  # (``free_port``)
+
+
 def free_port() -> int:
-    """A port the kernel just handed out on 127.0.0.1 (closed again, for the child to bind)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port on 127.0.0.1 for a child to listen on, held by this process until it exits: a
+    socket bound there (SO_REUSEADDR) that does not listen keeps the kernel from giving the
+    port to anyone else's server binding port 0 meanwhile (the machine is shared; tests run side
+    by side), refuses connections until the child listens, and lets the child bind it (cachegate,
+    aiohttp, nginx, varnishd and node all set SO_REUSEADDR)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    _HELD.append(s)
+    return int(s.getsockname()[1])
 
 
 @dataclass
