@@ -137,6 +137,16 @@ def prepare_demo(listen: str, admin_listen: str, origin_listen: str, rules: str,
     return config, load_config(config, Overrides()), note
 
 
+def _name_origin(config: str, asked: str, origin_url: str) -> Settings:
+    """The config (written before the origin had its port: ``asked``, port 0) made to name the
+    port it got (``origin_url``), and loaded again."""
+    with open(config) as f:
+        text = f.read()
+    with open(config, "w") as f:
+        f.write(text.replace(f"'{asked}'", f"'{origin_url}'", 1))
+    return load_config(config, Overrides())
+
+
 async def run_demo(settings: Settings, config: str, origin_listen: str, note: str = "") -> int:
     """Start the sample origin, then cachegate in front of it, until Ctrl-C. The curl lines are
     printed once both listen (with the ports they really got); a port that is taken ends the
@@ -152,6 +162,8 @@ async def run_demo(settings: Settings, config: str, origin_listen: str, note: st
         await origin.cleanup()
         return 1
     origin_url = f"http://{show_hostport((origin_host, _bound(origin)[0][1]))}"
+    if origin_port == 0:
+        settings = _name_origin(config, f"http://{show_hostport((origin_host, 0))}", origin_url)
 
     def listening(listeners: Listeners) -> None:
         proxy_host, proxy_port = listeners.proxy_addresses[0]
