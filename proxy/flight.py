@@ -838,8 +838,9 @@ class MissPath:
         """End the flight with what the shared store now holds for the key, when that is fresh
         for the flight's request (another worker stored it, its fetch answered ``fetched``: a
         304 that freshened it, else the stored response's own status), or is what the fetch
-        it waited for since ``since`` stored, as this worker's own followers of that fetch
-        would take it (``stored_for_waiters``); False when it is neither."""
+        it waited for since ``since`` stored or freshened, as this worker's own followers of
+        that fetch would take it (``stored_for_waiters``: a 304's whatever its freshness);
+        False when it is neither."""
         engine, attempt, flight = self.engine, run.attempt, run.flight
         key = attempt.key
         try:
@@ -850,7 +851,7 @@ class MissPath:
         if not variants:
             return False  # (the common case: nobody stored it meanwhile)
         index = stored_for_waiters(attempt.req.head, [c.entry.response for c in variants], engine.clock(),
-                                   attempt.plan.options, since)
+                                   attempt.plan.options, since, validated=fetched == 304)
         if index is None:
             return False
         cached = variants[index]
@@ -1042,7 +1043,11 @@ class MissPath:
                         return
                 await engine.freshen(revalidating, resp.headers, plan, request_time, response_time, head,
                                      upstream=resp.upstream.name)
-                flight.set_head(FlightHead(304, resp.reason, resp.headers, True, "FRESHENED", None))
+                # Its followers take the freshened response as another worker's waiters do
+                # (``stored_for_waiters``): by the one rule for a fetch's followers.
+                shareable = shareable_with_followers(revalidating.entry.response, response_time,
+                                                     validated=True)
+                flight.set_head(FlightHead(304, resp.reason, resp.headers, shareable, "FRESHENED", None))
                 self._end(run, Freshened(revalidating.entry))
                 return
             case Refetch():
@@ -1957,7 +1962,7 @@ def after_head(fhead: FlightHead, request: RequestHead, fwd: str, *, collapsed: 
         return FromStore("HIT", collapsed=True, coalesced=True, stored=True)
     if origin_error(fhead.status) and stale and fhead.store_detail != "":
         return StaleInstead("ORIGIN-ERROR")
-    if fhead.status == 304 and fhead.store_detail == "FRESHENED":
+    if fhead.status == 304 and fhead.store_detail == "FRESHENED" and (fhead.shareable or not collapsed):
         return FromStore("REVALIDATED", collapsed=collapsed, coalesced=collapsed, cookies=not collapsed)
     if collapsed and (not fhead.shareable or fhead.vary != variant_of(tuple(n for n, _ in fhead.vary),
                                                                       request.headers)):

@@ -296,6 +296,55 @@ async def test_a_herd_on_a_stale_key_the_origin_answers_304_says_so_whichever_wo
         await proxy.stop()
 
 
+# (case, the response's Cache-Control, the 304's delay): a response its own worker's followers
+# take from the 304 though it is not fresh then.
+REVALIDATED_NOT_FRESH = [
+    ("no-cache: validated before each use", "no-cache", 0.5),
+    ("stale on arrival: a lifetime shorter than the 304 takes", "max-age=1", 1.2),
+]
+
+
+@SHARED
+@pytest.mark.parametrize(("case", "cache_control", "delay"), REVALIDATED_NOT_FRESH,
+                         ids=[c[0] for c in REVALIDATED_NOT_FRESH])
+async def test_a_herd_on_a_revalidation_whose_304_leaves_it_not_fresh_costs_one_request_for_both_workers(
+        shared_pair: tuple[Origin, ProxyProcess], case: str, cache_control: str, delay: float) -> None:
+    """The other worker's clients, which waited under the lease for the revalidation, take the
+    response its 304 freshened as that worker's own followers do, whether or not it is fresh
+    then: that 304 is the validation they waited for. They wanted a fresh hit and sent it again,
+    one conditional request per worker (a reviewer: 2 for 8 clients over two workers, in every
+    run). A request that comes after the validation is no follower: revalidated again."""
+    origin, two_workers = shared_pair
+    path = "/reval-" + cache_control.replace("=", "")
+    conditionals = 0
+
+    async def page(request: web.Request) -> web.Response:
+        nonlocal conditionals
+        fields = {"ETag": '"v1"', "Cache-Control": cache_control}
+        if "If-None-Match" not in request.headers:
+            return web.Response(text="v1", headers=fields)
+        conditionals += 1
+        await asyncio.sleep(delay)  # the herd arrives meanwhile
+        return web.Response(status=304, headers=fields)
+
+    origin.route(path, page)
+    assert (await two_workers.get(path)).x_cache == "MISS"
+    if cache_control.startswith("max-age"):
+        await asyncio.sleep(1.1)  # stale
+    results = answered(await herd(two_workers.url, path, 16))
+    assert len(results) == 16 and {(r.status, r.body) for r in results} == {(200, b"v1")}
+    assert {r.worker for r in results} == {"0", "1"}, "the herd did not reach both workers"
+    assert conditionals == 1  # one revalidation for the machine
+    told = Counter(re.sub(r"ttl=-?\d+", "ttl=N", r.headers["Cache-Status"]) for r in results)
+    went = "cachegate; fwd=stale; fwd-status=304; ttl=N"
+    assert told == {went: 1, went + "; collapsed": 15}
+    assert {r.x_cache for r in results} == {"REVALIDATED"}
+    after = await two_workers.get(path)  # after the validation: validated again, for itself
+    assert (after.status, after.x_cache, after.body) == (200, "REVALIDATED", b"v1")
+    assert "collapsed" not in after.headers["Cache-Status"]
+    assert conditionals == 2
+
+
 @SHARED
 async def test_a_response_that_is_not_shareable_sends_every_worker_upstream_then_straight_through(
         shared_pair: tuple[Origin, ProxyProcess]) -> None:

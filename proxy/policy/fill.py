@@ -20,8 +20,9 @@ tags) or ``NoFill`` with the ``Cache-Status`` detail token, decided in this orde
 
 ``freshened`` is the same last step for a stored response a 304 updated (RFC 9111
 §4.3.4), and ``shareable_with_followers`` says whether coalesced followers may take a
-fill's response as it arrives (``stored_for_waiters``: the same, for the clients of another
-worker or node that waited for that fill and read it from the store); ``arrived`` is the
+fill's response as it arrives, or the response a revalidation they joined freshened
+(``stored_for_waiters``: the same rule, for the clients of another worker or node that waited
+for that fetch and read what it stored from the store); ``arrived`` is the
 head of one that is not stored, which its client's conditionals and range are answered
 from all the same.
 """
@@ -277,16 +278,29 @@ def hit_for_pass(detail: str, status: int, request_headers: Headers) -> bool:
         name in request_headers for name in _REQUEST_SPECIFIC)
 
 
-def shareable_with_followers(stored: StoredResponse, now: float) -> bool:
-    """May the clients that joined a fill take its response as it arrives (``now``: on arrival)?
+def shareable_with_followers(stored: StoredResponse, now: float, *, validated: bool = False) -> bool:
+    """May the clients that joined a fetch take its response as it arrives (``now``: on arrival)?
+    ``validated``: the fetch was a revalidation the origin answered 304, and ``stored`` the
+    response it freshened. The one rule for a fetch's followers in its own worker (the flight's
+    head says it) and for the clients of another worker or node that waited for it
+    (``stored_for_waiters``).
 
-    When it is fresh then, and not ``no-cache``: a response already stale would otherwise be
-    reused without the validation it needs. Also when it is stale on arrival only through
-    its Date's apparent age (``stale_by_date_alone``: the origin's clock is behind this one by
-    more than its lifetime, while its ``Age`` field and the delay leave it fresh): they waited
-    for exactly that fetch, made after they asked, and each fetch of their own would arrive
-    just as stale (8 clients of a herd went to the origin one after the other). A lifetime of
-    0 (``max-age=0``), ``no-cache`` or an ``Age`` field that makes it stale still send them on.
+    A fill's response: when it is fresh then, and not ``no-cache``: a response already stale
+    would otherwise be reused without the validation it needs. Also when it is stale on arrival
+    only through its Date's apparent age (``stale_by_date_alone``: the origin's clock is behind
+    this one by more than its lifetime, while its ``Age`` field and the delay leave it fresh):
+    they waited for exactly that fetch, made after they asked, and each fetch of their own
+    would arrive just as stale (8 clients of a herd went to the origin one after the other). A
+    lifetime of 0 (``max-age=0``), ``no-cache`` or an ``Age`` field that makes it stale still
+    send them on.
+
+    A revalidation's 304: always (RFC 9111 §4.3.4). It is the validation their requests waited
+    for, made after they asked: a ``no-cache`` response (validated before each use) has had it,
+    and one stale on arrival (a lifetime shorter than the 304 took) was just confirmed; each of
+    them sending it again gets the same 304 (one conditional request per worker, each waiting
+    the origin's time again). Varnish's waiting-list rework takes the same view ("a waiting
+    list match is a formal revalidation"). A request that comes after the validation ended
+    joined nothing: it is looked up, and a ``no-cache`` response is revalidated for it.
 
     >>> from proxy.policy.httpdate import format_http_date
     >>> def r(initial_age: float, *fields: tuple[str, str], no_cache: bool = False) -> StoredResponse:
@@ -299,7 +313,11 @@ def shareable_with_followers(stored: StoredResponse, now: float) -> bool:
     False
     >>> shareable_with_followers(r(0.0, no_cache=True), 100_000.0)
     False
+    >>> shareable_with_followers(r(0.0, no_cache=True), 100_000.0, validated=True)
+    True
     """
+    if validated:
+        return True
     freshness = stored.freshness
     if freshness.no_cache:
         return False
@@ -307,14 +325,16 @@ def shareable_with_followers(stored: StoredResponse, now: float) -> bool:
 
 
 def stored_for_waiters(request: RequestHead, candidates: Sequence[StoredResponse], now: float,
-                       options: CacheOptions, since: float | None = None) -> int | None:
+                       options: CacheOptions, since: float | None = None, *, validated: bool = False
+                       ) -> int | None:
     """Which of the ``candidates`` (the key's variants, read from the store once another worker
     or node said it stored the key) answers the clients of a flight that did not fetch: a fresh
     hit for ``request`` (``decide_lookup``); else, when the flight waited for that fetch
     (``since``: this clock when its wait began; None: it did not wait), the variant ``request``
     selects when that fetch stored it and this worker's own followers of it would have taken
     it (``shareable_with_followers`` on arrival: stale only through its Date, the origin's
-    clock behind). None: fetch (revalidate) as for any stale response.
+    clock behind; or, ``validated``, whatever its freshness: that fetch was a revalidation the
+    origin answered 304, which freshened it). None: fetch (revalidate) as for any stale response.
 
     "That fetch stored it" is its ``response_time`` (when its head arrived; a 304's, for a
     response it freshened) at or after ``since``: a response stored before the wait began
@@ -335,6 +355,9 @@ def stored_for_waiters(request: RequestHead, candidates: Sequence[StoredResponse
     >>> stored_for_waiters(get, [r(100_000.0)], 100_001.0, options, since=100_000.5)  # before the wait
     >>> stored_for_waiters(get, [r(100_000.0)], 100_001.0, options)  # no wait: a fresh hit only
     >>> stored_for_waiters(get, [r(100_000.0, ("Age", "900"))], 100_001.0, options, since=99_998.0)
+    >>> stored_for_waiters(get, [r(100_000.0, ("Age", "900"))], 100_001.0, options, since=99_998.0,
+    ...                    validated=True)  # a 304 freshened it: the validation they waited for
+    0
     """
     decision = decide_lookup(request, candidates, now, options)
     if isinstance(decision, Serve) and decision.status == "HIT":
@@ -346,7 +369,7 @@ def stored_for_waiters(request: RequestHead, candidates: Sequence[StoredResponse
         return None
     stored = candidates[index]
     if stored.response_time < since or stored.invalidated \
-            or not shareable_with_followers(stored, stored.response_time):
+            or not shareable_with_followers(stored, stored.response_time, validated=validated):
         return None
     return index
 

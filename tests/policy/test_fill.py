@@ -193,21 +193,28 @@ def test_a_response_filled_with_credentials_gets_no_heuristic_lifetime_from_a_30
     assert fresh.credentials is (filled or revalidated)  # kept for the next revalidation
 
 
-# (case, response fields, seconds after arrival, shareable)
+# (case, response fields, seconds after arrival, a 304 to a revalidation freshened it, shareable)
 SHAREABLE = [
-    ("fresh on arrival: followers take it", [FRESH], 0, True),
+    ("fresh on arrival: followers take it", [FRESH], 0, False, True),
     ("stale on arrival (an Age beyond max-age): followers validate for themselves",
-     [FRESH, ("Age", "200")], 0, False),
+     [FRESH, ("Age", "200")], 0, False, False),
     ("no-cache: every use is validated, a follower's too", [("Cache-Control", "no-cache, max-age=100")], 0,
-     False),
-    ("no lifetime, only a validator", [("ETag", '"a"'), ("Date", date(0))], 0, False),
+     False, False),
+    ("no lifetime, only a validator", [("ETag", '"a"'), ("Date", date(0))], 0, False, False),
+    # RFC 9111 §4.3.4: the 304 is the validation the followers of a revalidation waited for.
+    ("no-cache, freshened by the 304 they waited for: taken", [("Cache-Control", "no-cache"), ("ETag", '"a"')],
+     0, True, True),
+    ("stale on arrival, freshened by the 304 they waited for: taken", [FRESH, ("Age", "200"), ("ETag", '"a"')],
+     0, True, True),
+    ("fresh, freshened by the 304 they waited for: taken", [FRESH, ("ETag", '"a"')], 0, True, True),
 ]
 
 
-@pytest.mark.parametrize(("case", "response", "after", "shareable"), SHAREABLE, ids=[s[0] for s in SHAREABLE])
-def test_followers_share_a_fill_only_when_it_is_fresh_on_arrival(
-        case: str, response: Pairs, after: float, shareable: bool) -> None:
-    assert shareable_with_followers(stored(response), T0 + after) is shareable
+@pytest.mark.parametrize(("case", "response", "after", "validated", "shareable"), SHAREABLE,
+                         ids=[s[0] for s in SHAREABLE])
+def test_followers_share_a_fill_only_when_it_is_fresh_on_arrival_and_a_304_whatever_its_freshness(
+        case: str, response: Pairs, after: float, validated: bool, shareable: bool) -> None:
+    assert shareable_with_followers(stored(response), T0 + after, validated=validated) is shareable
 
 
 def test_a_response_with_more_than_1024_tags_is_not_stored_rather_than_stored_with_some() -> None:

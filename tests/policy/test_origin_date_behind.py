@@ -12,6 +12,7 @@ from proxy.policy.fill import (
     Fill,
     FillSettings,
     decide_fill,
+    freshened,
     shareable_with_followers,
     stored_for_waiters,
 )
@@ -129,3 +130,43 @@ def test_what_the_clients_of_a_flight_that_waited_for_another_fetch_take(
         case: str, variants: list[StoredResponse], fields: Pairs, since: float | None,
         expected: int | None) -> None:
     assert stored_for_waiters(request(*fields), variants, T0 + 1, FULL, since) == expected
+
+
+def _freshened(pairs: Pairs, update: Pairs, at: float, took: float) -> StoredResponse:
+    """A response filled long before ``at``, freshened by a 304 that arrived at ``at``, ``took`` s after it was asked."""
+    kept = _arrived(pairs, at - 3600)
+    fresh = freshened(kept, Exchange(request(), 304, "", headers(*update), at - took, at), Rules(FULL),
+                      FillSettings())
+    assert fresh is not None
+    return fresh
+
+
+NO_CACHE: Pairs = [("Cache-Control", "no-cache"), ("ETag", '"a"'), ("Date", date(-3600))]
+SHORT: Pairs = [("Cache-Control", "max-age=1"), ("ETag", '"a"'), ("Date", date(-3600))]
+
+# (case, the key's variants, since, the fetch waited for was a revalidation answered 304, which
+# one answers the flight's clients): as the revalidation's own followers in its worker take it.
+REVALIDATED: list[tuple[str, list[StoredResponse], float | None, bool, int | None]] = [
+    ("no-cache, freshened by the 304 waited for: taken",
+     [_freshened(NO_CACHE, [("ETag", '"a"'), ("Date", date(0))], T0, 1.0)], WAIT, True, 0),
+    ("stale on arrival (max-age=1, a 304 that took 1.2 s), freshened by the 304 waited for: taken",
+     [_freshened(SHORT, [("ETag", '"a"')], T0, 1.2)], WAIT, True, 0),
+    ("the same, fetched by a fill (a 200, not a validation): not taken",
+     [_arrived([("Cache-Control", "no-cache"), ("ETag", '"a"'), ("Date", date(0))], T0)], WAIT, False, None),
+    ("no-cache, freshened before the wait began: a request after the validation revalidates",
+     [_freshened(NO_CACHE, [("ETag", '"a"'), ("Date", date(0))], T0, 1.0)], T0 + 0.1, True, None),
+    ("no-cache, freshened, the flight did not wait (its own lease, a plain lookup): not taken",
+     [_freshened(NO_CACHE, [("ETag", '"a"'), ("Date", date(0))], T0, 1.0)], None, True, None),
+    ("no-cache, freshened, soft-purged since: not taken",
+     [replace(_freshened(NO_CACHE, [("ETag", '"a"'), ("Date", date(0))], T0, 1.0), invalidated=True)], WAIT,
+     True, None),
+]
+
+
+@pytest.mark.parametrize(("case", "variants", "since", "validated", "expected"), REVALIDATED,
+                         ids=[c[0] for c in REVALIDATED])
+def test_what_the_clients_of_a_flight_that_waited_for_another_revalidation_take(
+        case: str, variants: list[StoredResponse], since: float | None, validated: bool,
+        expected: int | None) -> None:
+    assert variants[0].freshness.ttl(variants[0].response_time) <= 0 or variants[0].freshness.no_cache
+    assert stored_for_waiters(request(), variants, T0 + 1, FULL, since, validated=validated) == expected
