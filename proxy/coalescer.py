@@ -489,6 +489,11 @@ class FlightHead:
     # conditionals and ranges are answered from it as the head arrives, stored or not
     # (``proxy.policy.reply.reply_on_arrival``).
     response: StoredResponse | None = None
+    # The body's length was known at the head (its Content-Length, no body to follow, or all of
+    # it arrived with the head). Unknown (chunked), the head cannot say the response is stored:
+    # the body may yet outgrow what the store keeps (cache.max_object), and storing it is then
+    # given up while it streams.
+    length_known: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -1100,10 +1100,12 @@ class Engine:
         """May this response to ``attempt`` be stored, as what (``decide_fill``, under the rules'
         plan for its status and type)?"""
         store_plan = attempt.plan.for_response(resp.status, resp.headers.get("Content-Type"))
-        # The GET's body: a HEAD's Content-Length describes it, a 204's describes nothing.
+        # The GET's body: a HEAD's Content-Length describes it, a 204's describes nothing; one
+        # its head does not give is held against the limit now when all of it came with the head.
+        length = body_length(resp.status, resp.content_length)
         detail, entry = self._decided(attempt.key, store_plan, Exchange(
             attempt.req.head, resp.status, resp.reason, resp.headers, request_time, response_time,
-            resp.close_delimited_tls), body_length(resp.status, resp.content_length))
+            resp.close_delimited_tls), resp.arrived_length if length is None else length)
         if entry is not None:
             self.date_behind(resp.upstream.name, entry.response)
         return detail, entry

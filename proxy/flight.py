@@ -54,6 +54,7 @@ import logging
 import os
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import IO, TYPE_CHECKING, ClassVar, Literal, assert_never
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -93,7 +94,7 @@ from proxy.errors import (
 )
 from proxy.http_client import UpstreamBodyError
 from proxy.leases import Busy, Granted, Waiting
-from proxy.policy.cache_status import cache_status, forwarded_ttl, forwarded_x_cache
+from proxy.policy.cache_status import cache_status, forwarded_ttl, forwarded_x_cache, settled
 from proxy.policy.fields import ends_at_head
 from proxy.policy.fill import arrived, hit_for_pass, shareable_with_followers, stored_for_waiters
 from proxy.policy.freshness import carries_credentials
@@ -1094,10 +1095,14 @@ class MissPath:
         if "date" not in fields:  # forwarded with the Date it is stored with (policy.headers.dated)
             fields = CIMultiDictProxy(CIMultiDict(dated(tuple(fields.items()), response_time)))
         spool = None
+        # The body that follows the head: none after a 204/304's, whatever its Content-Length
+        # says (the spool holds a body complete only at that length); one the head does not
+        # give is known when all of it came with the head (``arrived_length``).
+        length = resp.body_length
+        if length is None:
+            length = resp.arrived_length
         if entry is not None:
-            # The body that follows the head: none after a 204/304's, whatever its Content-Length
-            # says (the spool holds a body complete only at that length).
-            spool = storage.spool(entry, resp.body_length, epoch)
+            spool = storage.spool(entry, length, epoch)
             if spool.no_room:  # (its room is taken before the head, which says so: ``spool``)
                 spool = None
                 store_detail = "SPOOLS-FULL"
@@ -1105,7 +1110,7 @@ class MissPath:
                     engine.metrics.not_stored_because(store_detail, url_of_key(key))
         through = run.through
         if through is not None:  # (the other nodes waiting on the fill lock fetch now if in vain)
-            through.head(spool is not None, resp.body_length, spool is not None and spool.too_large)
+            through.head(spool is not None, length, spool is not None and spool.too_large)
         if entry is not None:
             flight.tags = entry.tags  # (before its head: its followers ask purges with them)
         # (not stored: the head as it arrived answers its clients' conditionals and range all
@@ -1113,7 +1118,8 @@ class MissPath:
         flight.set_head(FlightHead(resp.status, resp.reason, fields, shareable,
                                    store_detail, resp.content_length, vary,
                                    entry.response if entry is not None else
-                                   arrived(resp.status, resp.reason, fields, response_time)))
+                                   arrived(resp.status, resp.reason, fields, response_time),
+                                   length is not None))
         # ("": stored, the common case: no call)
         passing = bool(store_detail) and hit_for_pass(store_detail, resp.status, run.attempt.req.head.headers)
         if passing:
@@ -1352,9 +1358,13 @@ class MissPath:
         if prepared is not None:
             headers = list(prepared)
         else:
-            stored = fhead.store_detail == ""
-            cs = cache_status(fwd=fwd, fwd_status=fhead.status, stored=stored, collapsed=collapsed,
-                              detail=None if stored else fhead.store_detail)
+            storing = fhead.store_detail == ""
+            # ``stored`` only when nothing left to arrive can undo it: a body of unknown length
+            # may outgrow max_object after its head has gone out (RFC 9211 §2.8: "a true value
+            # indicates that it did"; the parameter is optional). The access log says what
+            # became of it (``settle``).
+            cs = cache_status(fwd=fwd, fwd_status=fhead.status, stored=storing and fhead.length_known,
+                              collapsed=collapsed, detail=None if storing else fhead.store_detail)
             headers = engine.response_headers(fhead.headers)
             if collapsed:  # a Set-Cookie stored under allow_set_cookie was the leader's, not theirs
                 headers = [(k, v) for k, v in headers if k.lower() != "set-cookie"]
@@ -1397,7 +1407,9 @@ class MissPath:
             case "stream":
                 return engine.finish(plan, Reply(fhead.status, fhead.reason, headers,
                                                   self._flight_body(flight, attempt.key, reader), length,
-                                                  x_cache, "upstream"))
+                                                  x_cache, "upstream",
+                                                  settle=partial(_settle, flight) if fhead.store_detail == ""
+                                                  else None))
             case _:
                 assert_never(step.body)
 
@@ -2210,6 +2222,12 @@ class _Once:
             raise StopAsyncIteration
         self._chunk = None
         return chunk
+
+
+def _settle(flight: Flight, member: str | None) -> str | None:
+    """What the access log says of a fill's streamed answer once its body has gone out: what
+    became of the fill (``settled``), which its head could not always say."""
+    return settled(member, _not_stored(flight))
 
 
 def _not_stored(flight: Flight) -> str:

@@ -433,6 +433,16 @@ class Response:
             return None
         return payload.read_nowait(-1)
 
+    def arrived_length(self) -> int | None:
+        """The length of the body when all of it has arrived (none read yet: asked at the
+        head); else None."""
+        payload = self._payload
+        if payload is EMPTY_PAYLOAD:
+            return 0
+        if not payload.is_eof() or payload.exception() is not None:
+            return None
+        return payload.total_bytes
+
     async def read_chunk(self) -> bytes:
         """The next bytes of the body (all that are buffered); b"" at its end."""
         return await self._payload.readany()

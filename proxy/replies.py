@@ -64,6 +64,9 @@ class Reply:
     tier: str = "upstream"  # where the body comes from: memory, disk, upstream, none
     offset: int = 0  # for a file body: where to start
     head_only: bool = False
+    # A streamed fill's: what the access log says once the body has gone out, from the member
+    # its head said (``proxy.policy.cache_status.settled``: stored or not, and why).
+    settle: Callable[[str | None], str | None] | None = None
 
 
 def error_reply(status: int, reason: str, text: str, x_cache: str, cs: str) -> Reply:

@@ -232,8 +232,8 @@ class Selector:
 class UpstreamResponse:
     """A response head from an upstream, and its body as an async iterator of chunks."""
 
-    __slots__ = ("_length", "_pool", "_released", "_resp", "close_delimited_tls", "headers", "reason",
-                 "status", "stray", "upstream")
+    __slots__ = ("_arrived", "_length", "_pool", "_released", "_resp", "close_delimited_tls", "headers",
+                 "reason", "status", "stray", "upstream")
 
     def __init__(self, resp: Response, upstream: Upstream, pool: UpstreamPool) -> None:
         self._resp = resp
@@ -247,6 +247,7 @@ class UpstreamResponse:
         self.stray = resp.stray  # bytes dropped after it (``Response.stray``)
         self._released = False
         self._length: int | None = -1  # -1: not parsed yet
+        self._arrived: int | None = -1  # -1: not asked yet
 
     @property
     def content_length(self) -> int | None:
@@ -263,6 +264,17 @@ class UpstreamResponse:
         a 304 or the answer to HEAD whatever their Content-Length says, which describes no
         body that comes (a fill that expected a 204's 5 bytes never stored it)."""
         return body_length(self.status, self.content_length, self._resp.head_method)
+
+    @property
+    def arrived_length(self) -> int | None:
+        """The length of a body its head does not give (chunked, or ended by the connection's
+        close) when all of it arrived with the head; None when it did not, and for an answer to
+        HEAD (no body follows it). Asked once: the fill's decision and the head its clients get
+        must agree, whatever arrives in between."""
+        arrived = self._arrived
+        if arrived == -1:
+            arrived = self._arrived = None if self._resp.head_method else self._resp.arrived_length()
+        return arrived
 
     def complete_body(self) -> bytes | None:
         """The whole body when it has already arrived with the head (a small response): no

@@ -26,10 +26,12 @@ refreshed (a 304 freshened the stored copy), already fresh, stale served (from t
 stale-while-revalidate or a soft purge started a refresh, or max-stale allowed it; with the
 ``detail``), not storable (with the ``detail`` reason) or an error (a status of 400 and above, a
 stale copy served because the origin failed (stale-if-error), a timeout, a refused connection
-...). What the summary prints of reasons and URLs is shown as ``cachegate top`` shows it:
-controls and bidi overrides replaced. The summary counts each; the exit status is 1 when errors
-exceed ``--max-errors`` (0 by default), 130 after Ctrl-C (which stops at once and prints the
-summary so far), 2 for bad arguments or nothing to warm.
+...). A fill whose head could not say whether it was stored (a chunked body still arriving, which
+may outgrow the store's limit) is asked of the store once its body is read: a ``HEAD`` with
+``only-if-cached``, which never reaches the origin. What the summary prints of reasons and URLs
+is shown as ``cachegate top`` shows it: controls and bidi overrides replaced. The summary counts
+each; the exit status is 1 when errors exceed ``--max-errors`` (0 by default), 130 after Ctrl-C
+(which stops at once and prints the summary so far), 2 for bad arguments or nothing to warm.
 
 The parsing and classifying functions are pure; ``Warmer`` does the I/O.
 """
@@ -577,6 +579,12 @@ def classify(status: int, x_cache: str, cache_status: str) -> Outcome:
     Outcome(kind='error', reason='origin error, stale copy served')
     >>> classify(200, "UPDATING", "cachegate; hit; ttl=-3; detail=STALE-WHILE-REVALIDATE")
     Outcome(kind='stale', reason='STALE-WHILE-REVALIDATE')
+
+    A fill whose head could not say (a body of unknown length, which may outgrow the store's
+    limit after its head): "undecided", for ``Warmer.stored_after`` to ask the store.
+
+    >>> classify(200, "MISS", "cachegate; fwd=uri-miss; fwd-status=200")
+    Outcome(kind='undecided', reason='')
     """
     if status >= 400:
         return Outcome("error", f"HTTP {status}")
@@ -598,6 +606,9 @@ def classify(status: int, x_cache: str, cache_status: str) -> Outcome:
         return Outcome("refreshed")
     if x_cache == "HIT":
         return Outcome("fresh")
+    if x_cache in ("MISS", "EXPIRED") and any(p.startswith("fwd=") for p in params) \
+            and cache_status_detail(cache_status) is None:
+        return Outcome("undecided")
     return Outcome("not_storable", cache_status_detail(cache_status) or x_cache or "NOT-STORED")
 
 
@@ -882,6 +893,19 @@ class Warmer:
                     raise WarmError(f"sitemap larger than {keep} bytes")
             return resp.status, resp.headers, bytes(body)
 
+    async def stored_after(self, session: Any, target: Target) -> Outcome:
+        """Whether a fill whose head could not say so (``classify``: "undecided") was stored, now
+        that its body has been read: asked of the store alone (HEAD with ``only-if-cached``, which
+        never goes to the origin: a 504 when nothing is stored)."""
+        import aiohttp
+        from yarl import URL
+
+        url, headers = self._request_of(target)
+        headers["Cache-Control"] = "only-if-cached"
+        async with session.head(URL(url, encoded=True), headers=headers, allow_redirects=False,
+                                timeout=aiohttp.ClientTimeout(total=self.options.timeout)) as resp:
+            return Outcome("stored") if resp.status < 300 else Outcome("not_storable", "NOT-STORED")
+
     async def sitemap_urls(self, session: Any, roots: Sequence[str], tally: Tally) -> list[str]:
         """Every page URL of the sitemaps, following sitemap indexes (each sitemap fetched once);
         a sitemap that fails counts as an error of kind ``sitemap: ...``."""
@@ -973,6 +997,8 @@ class Warmer:
                     status, headers, _ = await self.fetch(session, target)
                     x_cache = headers.getall("X-Cache-Status", [""])[-1]  # cachegate's own is last
                     outcome = classify(status, x_cache, own_cache_status(headers.getall("Cache-Status", [])))
+                    if outcome.kind == "undecided":
+                        outcome = await self.stored_after(session, target)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:

@@ -120,6 +120,33 @@ def cut_short(member: str | None, detail: str) -> str:
     return "; ".join([*kept, f"detail={_sf_token_or_string(detail)}"])
 
 
+def settled(member: str | None, detail: str) -> str | None:
+    """What cachegate's member says in the access log of a fill streamed to its client, once
+    its body has gone out: ``stored`` when it was (``detail`` ""; a head sent before the body's
+    length was known could not say so), else the head's member without ``stored`` and with why
+    (``cut_short``: TOO-LARGE, a body that outgrew the store while it streamed, PURGED, ...).
+    None (no member was sent: a rule removed it) stays None.
+
+    >>> settled("cachegate; fwd=uri-miss; fwd-status=200; collapsed", "")
+    'cachegate; fwd=uri-miss; fwd-status=200; stored; collapsed'
+    >>> settled("cachegate; fwd=uri-miss; fwd-status=200; stored", "")
+    'cachegate; fwd=uri-miss; fwd-status=200; stored'
+    >>> settled("cachegate; fwd=uri-miss; fwd-status=200", "TOO-LARGE")
+    'cachegate; fwd=uri-miss; fwd-status=200; detail=TOO-LARGE'
+    """
+    if member is None:
+        return None
+    if detail:
+        return cut_short(member, detail)
+    parts = _split(member, ";")
+    if "stored" in parts:
+        return member
+    # (in ``cache_status``'s order: before collapsed, key and detail)
+    later = ("collapsed", "key=", "detail=")
+    at = next((i for i, p in enumerate(parts) if i and p.startswith(later)), len(parts))
+    return "; ".join([*parts[:at], "stored", *parts[at:]])
+
+
 class _Invalidatable(Protocol):
     @property
     def invalidated(self) -> bool: ...

@@ -468,6 +468,8 @@ async def write_reply(request: web.BaseRequest, reply: Reply, fe: FrontEnd, info
                 await _send_file(request, resp, body, reply.offset, reply.length, info)
         await resp.write_eof()
         info.client_left = client_left(request)
+        if reply.settle is not None:  # (a fill's: what became of it, once its body went out)
+            info.cache_status = reply.settle(info.cache_status)
     except BodyCutShort as exc:
         # The stored body file ended early: the client must not take what it got for the whole
         # body, and the variant is forgotten so the next request refetches it.

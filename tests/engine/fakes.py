@@ -249,6 +249,9 @@ class _Wire:
     def complete_body(self) -> bytes | None:
         return b"".join(self.a.chunks) if self.a.whole else None
 
+    def arrived_length(self) -> int | None:
+        return sum(map(len, self.a.chunks)) if self.a.whole else None
+
     async def read_chunk(self) -> bytes:
         a = self.a
         if a.break_after is not None and self.sent >= a.break_after:
