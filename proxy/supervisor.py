@@ -163,6 +163,9 @@ class Worker:
     # The last of its processes this supervisor killed: (pid, cause, why), for a reload that
     # waited for it (``ReplacedWorker``): the watchdog, a purge not acknowledged, not ready.
     killed: tuple[int, str, str] | None = None
+    # The signal a process of it said stops it, one the supervisor did not send (``kill -TERM``
+    # by an operator or a tool): (pid, signal name), for what its exit is said as (``_exited``).
+    stopped_by: tuple[int, str] | None = None
 
     def health(self) -> WorkerHealth:
         process = self.process
@@ -719,9 +722,12 @@ class Supervisor:
         async def purge(spec: dict[str, Any]) -> dict[str, Any]:
             return (await self.purge(PurgeSpec.from_json(spec))).to_json()
 
+        async def stopped_by(pid: int, signal: str) -> None:
+            w.stopped_by = (pid, signal)
+
         calls: dict[str, Any] = {
             name: functools.partial(fn, worker_id=w.worker_id) for name, fn in self.worker_calls.items()}
-        calls.update({"ready": ready, "purge": purge})
+        calls.update({"ready": ready, "purge": purge, "stopped_by": stopped_by})
         return calls
 
     def _tell_node(self, channel: Channel) -> None:
@@ -790,13 +796,30 @@ class Supervisor:
             first_crash = w.quick_exits == 1 and w.last_was_ready
             delay = 0.0 if first_crash else self._next_backoff(w)
         w.last_oom = died is not None and died[1]
-        how = f" ({died[2]})" if died is not None else ""
-        log.error("worker %d (pid %d) exited with %s%s; restarting in %.1fs", w.worker_id, process.pid,
-                  code, how, delay)
-        say(f"cachegate: worker {w.worker_id} (pid {process.pid}) exited with {code}{how}; restarting",
-            event="worker_exited", worker_id=w.worker_id, pid=process.pid, code=code,
-            signal=died[0] if died is not None else None, oom_killed=w.last_oom)
+        self._exited(w, process.pid, code, died, delay)
         self._spawn_soon(w, delay, after=process.pid)
+
+    def _exited(self, w: Worker, pid: int, code: int | None, died: tuple[str, bool, str] | None,
+                delay: float) -> None:
+        """Say that a worker's process exited, which the supervisor did not ask: a crash, a kill
+        (ERROR); or a clean exit (status 0: WARNING, unexpected but no crash): a stop by a
+        signal sent to it alone, which it told (``stopped_by``: ``kill -TERM`` by an operator or
+        a tool), or on its own. It was said as a crash: "exited with 0", at ERROR."""
+        by = w.stopped_by[1] if code == 0 and w.stopped_by is not None and w.stopped_by[0] == pid else None
+        if code == 0:
+            how = (f"was stopped by a {by} sent to it (not by the supervisor)" if by is not None
+                   else "exited on its own (status 0), without the supervisor asking")
+            log.warning("worker %d (pid %d) %s; restarting in %.1fs", w.worker_id, pid, how, delay)
+            say(f"cachegate: worker {w.worker_id} (pid {pid}) {how}; restarting", level="warning",
+                event="worker_exited", worker_id=w.worker_id, pid=pid, code=code, signal=None,
+                stopped_by=by, oom_killed=False)
+            return
+        how = f" ({died[2]})" if died is not None else ""
+        log.error("worker %d (pid %d) exited with %s%s; restarting in %.1fs", w.worker_id, pid, code, how,
+                  delay)
+        say(f"cachegate: worker {w.worker_id} (pid {pid}) exited with {code}{how}; restarting",
+            event="worker_exited", worker_id=w.worker_id, pid=pid, code=code,
+            signal=died[0] if died is not None else None, oom_killed=w.last_oom)
 
     def _death_cause(self, code: int | None) -> tuple[str, bool, str] | None:
         """How a worker's process that exited with ``code`` died, when a signal ended it: (the

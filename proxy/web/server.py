@@ -86,6 +86,8 @@ def check_c_parser() -> None:
 # (the supervisor kills a worker only at shutdown_grace + STOP_DEADLINE_MARGIN).
 STOP_MARGIN = 1.0
 FLUSH_POLL = 0.01  # seconds between looks at the closed connections' unsent bytes at a stop
+# Seconds a worker stopped by a signal waits for its supervisor to hear which (``_tell_stopped_by``).
+STOPPED_BY_WAIT = 1.0
 
 
 @dataclass
@@ -890,13 +892,20 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
         return 1
     # A worker leaves SIGINT (Ctrl-C reaches the whole process group) to its supervisor.
     stop_signals = (signal.SIGTERM,) if worker is not None else (signal.SIGTERM, signal.SIGINT)
+    stopped_by: list[str] = []  # the signal that stopped it, told to a worker's supervisor
+
+    def stop_on(sig: signal.Signals) -> None:
+        stopped_by.append(sig.name)
+        stop.set()
+
     for sig in stop_signals:
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop_on, sig)
     loop.add_signal_handler(signal.SIGHUP, reload_in_background, runtime)
     watchdog = asyncio.ensure_future(notifier.keep_watchdog())
     # What came during the start-up (``proxy.earlysignals``): done now.
-    if any(earlysignals.take(sig) for sig in stop_signals):
-        stop.set()
+    early = next((sig for sig in stop_signals if earlysignals.take(sig)), None)
+    if early is not None:
+        stop_on(early)
     if earlysignals.take(signal.SIGHUP) and not stop.is_set():
         await reloader.reload()
     gctuning.settle()
@@ -921,6 +930,8 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
     finally:
         runtime.state = "stopping"
         notifier.stopping()
+        if channel is not None and stopped_by:
+            await _tell_stopped_by(channel, stopped_by[0])
         # The grace period of the config running now: a reload may have changed it.
         log.info("shutting down: finishing in-flight requests (grace %gs)", runtime.settings.shutdown_grace)
         ignore_while_stopping(loop, (*stop_signals, signal.SIGHUP))
@@ -941,6 +952,14 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
     if worker is None:
         say("cachegate: stopped", event="stopped")
     return 0
+
+
+async def _tell_stopped_by(channel: Channel, name: str) -> None:
+    """Tell the supervisor which signal stops this worker (one it did not send: ``kill -TERM``
+    by an operator or a tool), before the drain, so that its exit is said as the stop it is,
+    not as a crash. A supervisor that does not answer at once (stopped, gone) is not waited for."""
+    with contextlib.suppress(ChannelClosed, RemoteError, TimeoutError):
+        await channel.call("stopped_by", wait=STOPPED_BY_WAIT, pid=os.getpid(), signal=name)
 
 
 def _notified(notifier: Notifier, serving: str,
