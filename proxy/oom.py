@@ -13,9 +13,16 @@ that needs ``CAP_SYS_RESOURCE``; a unit's ``OOMScoreAdjust=`` does it without). 
 higher already (by a unit, a container runtime) is kept: they only raise a worker's, and only
 lower the supervisor's.
 
-When a worker dies by a signal, its cgroup's OOM-kill counter (``proxy.cpus.cgroup_oom_kills``:
-v2 ``memory.events``, v1 ``memory.oom_control``) tells whether the kernel's OOM killer sent it:
-read then, and at the start, never polled.
+When a worker dies by SIGKILL, its cgroup's OOM-kill counter (``proxy.cpus.cgroup_oom_kills``:
+v2 ``memory.events``, v1 ``memory.oom_control``) says whether the kernel's OOM killer likely sent
+it (``oom_death``). The counter is the cgroup's, not the worker's: any process of the cgroup that
+the OOM killer ended counts (another program of the container, a sibling worker), and an
+operator's ``kill -9`` looks the same as the OOM killer's. So a death is put down to the OOM killer
+only when the counter rose since the worker was last seen alive (its start, or the last ping it
+answered: the counter is read before each ping, a small file read every few seconds) by a kill
+no other death took. Compared with the supervisor's start alone, a kill of another process at
+any time before made every later ``kill -9`` an OOM kill, and a kill counted with no worker's
+death (two processes ended at once, one a worker) did so for ever.
 """
 
 from __future__ import annotations
@@ -94,6 +101,34 @@ def lower_supervisor_score() -> int | None:
         return None
     target = supervisor_score(current)
     return target if target != current and _write_score(target, "self") else current
+
+
+def oom_death(now: int | None, alive_at: int | None, accounted: int | None) -> tuple[bool, int | None]:
+    """Whether a worker's SIGKILL death is put down to the kernel's OOM killer, from its cgroup's
+    count of OOM kills: ``now`` (read at the death), ``alive_at`` (read when the worker was last
+    seen alive: before its start, before a ping it answered) and ``accounted`` (the kills counted
+    at the supervisor's start, and those already put down to other deaths). A kill counted after
+    the worker was last seen alive and not taken by another death may be its own; then it
+    takes one (two workers killed at once are both told). The answer, and ``accounted`` after.
+    None (no counter to read): never.
+
+    >>> oom_death(1, 0, 0)  # the count rose while it ran: likely the OOM killer
+    (True, 1)
+    >>> oom_death(1, 1, 0)  # it rose before the worker started (another process): a plain kill
+    (False, 0)
+    >>> oom_death(2, 0, 0), oom_death(2, 0, 1)  # two workers killed at once: both told
+    ((True, 1), (True, 2))
+    >>> oom_death(1, 0, 1)  # the one kill was another worker's death: a plain kill
+    (False, 1)
+    >>> oom_death(None, 0, 0), oom_death(3, None, 0)
+    ((False, 0), (False, 0))
+    """
+    if now is None or alive_at is None or accounted is None:
+        return False, accounted
+    floor = max(alive_at, accounted)
+    if now > floor:
+        return True, floor + 1
+    return False, accounted
 
 
 def signal_name(code: int | None) -> str | None:

@@ -89,7 +89,7 @@ from proxy.inspection import Inspector
 from proxy.leases import LeaseRelay, LeaseTable
 from proxy.lockfile import HeldLock, LockTaken, bind_refused, port_in_use, runtime_dir
 from proxy.logs import say, setup_logging, tell
-from proxy.oom import lower_supervisor_score, raise_worker_score, signal_name
+from proxy.oom import lower_supervisor_score, oom_death, raise_worker_score, signal_name
 from proxy.purge import PurgeOutcome, PurgeSpec, match_to_json
 from proxy.room import human_size
 from proxy.runtime import ReloadResult, ReplacedWorker, Runtime
@@ -159,7 +159,10 @@ class Worker:
     quick_exits: int = 0  # exits in a row soon after a start (``looping``)
     last_exit: int | None = None  # its last exit status
     last_was_ready: bool = False  # whether its last process to exit had become ready
-    last_oom: bool = False  # whether the kernel's OOM killer ended its last process (``_oom_killed``)
+    last_oom: bool = False  # whether its last process's death was put down to the OOM killer (``oom_death``)
+    # Its cgroup's count of OOM kills when its process was last seen alive (read before its
+    # start, and before each ping it answered): a kill counted since may be its own (``oom_death``).
+    oom_seen: int | None = None
     # The last of its processes this supervisor killed: (pid, cause, why), for a reload that
     # waited for it (``ReplacedWorker``): the watchdog, a purge not acknowledged, not ready.
     killed: tuple[int, str, str] | None = None
@@ -184,7 +187,7 @@ class WorkerHealth:
     last_exit: int | None
     given_up: bool  # not restarted any more (``Runtime.degraded`` says why)
     last_was_ready: bool = False  # its last process to exit had become ready
-    last_oom: bool = False  # the kernel's OOM killer ended its last process
+    last_oom: bool = False  # its last process's death was put down to the kernel's OOM killer
 
     @property
     def looping(self) -> bool:
@@ -206,14 +209,14 @@ def workers_health(workers: Sequence[WorkerHealth]) -> str | None:
     >>> workers_health([WorkerHealth(0, True, 0, None, False), WorkerHealth(1, False, 1, 2, False)])
     '1 of 2 workers serve: worker 1 exited before it became ready (status 2)'
     >>> oom = WorkerHealth(1, False, 2, -9, False, last_was_ready=True, last_oom=True)
-    >>> workers_health([WorkerHealth(0, True, 0, None, False), oom])
-    "1 of 2 workers serve: worker 1 keeps exiting (status -9, the kernel's OOM killer, 2 times in a row)"
+    >>> print(workers_health([WorkerHealth(0, True, 0, None, False), oom]))
+    1 of 2 workers serve: worker 1 keeps exiting (status -9, likely the kernel's OOM killer, 2 times in a row)
     """
     serving = sum(1 for w in workers if w.serving)
     looping = [w for w in workers if not w.serving and not w.given_up and w.looping]
 
     def status(w: WorkerHealth) -> str:
-        return f"status {w.last_exit}" + (", the kernel's OOM killer" if w.last_oom else "")
+        return f"status {w.last_exit}" + (", likely the kernel's OOM killer" if w.last_oom else "")
 
     why = "; ".join(f"worker {w.worker_id} keeps exiting ({status(w)}, {w.quick_exits} times in a row)"
                     if w.quick_exits > 1 else
@@ -420,9 +423,9 @@ class Supervisor:
         # start-up failure, or no worker left that can run the installed code (``_code_changed``).
         self._stop: asyncio.Event | None = None
         self._failed = False
-        # The OOM kills in this process's cgroup that a worker's death accounted for
-        # (``_oom_killed``): read at the start, then only when a worker dies.
-        self._oom_kills = cgroup_oom_kills()
+        # The OOM kills of this process's cgroup accounted for: those counted at the start, and
+        # each one a worker's death was put down to (``proxy.oom.oom_death``).
+        self._oom_accounted = cgroup_oom_kills()
 
     # -- running ---------------------------------------------------------------------------
 
@@ -654,6 +657,7 @@ class Supervisor:
             args.append("--no-uvloop")
         args += ["--log-level", logging.getLevelName(logging.getLogger().level).lower()]
         w.ready.clear()
+        w.oom_seen = cgroup_oom_kills()  # (before it runs: no kill counted yet can be its own)
         try:
             w.process = await asyncio.create_subprocess_exec(
                 *args, pass_fds=(child_end.fileno(), arena_fd, running_fd), env=self._worker_env)
@@ -783,7 +787,7 @@ class Supervisor:
         w.restarts += 1
         w.last_exit = code
         w.last_was_ready = w.ready.is_set()
-        died = self._death_cause(code)
+        died = self._death_cause(w, process.pid, code)
         # A worker that lived a while is restarted at once, and so is one that died once soon
         # after it became ready (a kill, an OOM: a crash, not a loop); one that keeps dying, or
         # that never became ready, with backoff (and /healthz says so: ``workers_health``).
@@ -821,19 +825,19 @@ class Supervisor:
             event="worker_exited", worker_id=w.worker_id, pid=pid, code=code,
             signal=died[0] if died is not None else None, oom_killed=w.last_oom)
 
-    def _death_cause(self, code: int | None) -> tuple[str, bool, str] | None:
-        """How a worker's process that exited with ``code`` died, when a signal ended it: (the
-        signal's name, whether the kernel's OOM killer sent it, a phrase for the log); None
-        when it exited by itself. The OOM killer sent it when the OOM-kill counter of this
-        process's cgroup (the workers' too) rose since the last look: read only now, and each
-        such death accounts for one kill (two workers killed at once are both told)."""
+    def _death_cause(self, w: Worker, pid: int, code: int | None) -> tuple[str, bool, str] | None:
+        """How a worker's process (``pid``) that exited with ``code`` died, when a signal ended
+        it: (the signal's name, whether it is put down to the kernel's OOM killer, a phrase for
+        the log); None when it exited by itself. A SIGKILL is put down to the OOM killer when
+        its cgroup's count of OOM kills rose since the worker was last seen alive by a kill no
+        other death took (``proxy.oom.oom_death``), never when the supervisor sent it itself
+        (the watchdog, a purge not acknowledged, not ready in time)."""
         name = signal_name(code)
         if name is None:
             return None
-        kills = cgroup_oom_kills() if code == -signal.SIGKILL else None
-        oom = kills is not None and self._oom_kills is not None and kills > self._oom_kills
-        if kills is not None:
-            self._oom_kills = self._oom_kills + 1 if oom and self._oom_kills is not None else kills
+        oom = False
+        if code == -signal.SIGKILL and not (w.killed is not None and w.killed[0] == pid):
+            oom, self._oom_accounted = oom_death(cgroup_oom_kills(), w.oom_seen, self._oom_accounted)
         if not oom:
             return name, False, f"killed by {name}"
         limit = cgroup_memory_limit()
@@ -841,7 +845,8 @@ class Supervisor:
         needs = memory_needed_text(settings.cache.memory, len(self.workers))
         where = (f"the memory limit of its cgroup: {human_size(limit)}; it needs {needs}" if limit is not None
                  else f"the machine's memory ran out; cachegate needs {needs}")
-        return name, True, f"{name}: killed by the kernel's OOM killer ({where})"
+        return name, True, (f"{name}: likely the kernel's OOM killer, its cgroup's count of OOM kills rose "
+                            f"while it ran ({where})")
 
     async def _installed_differs(self) -> bool:
         """Whether the installed code is no longer the code this supervisor runs (and passes its
@@ -912,8 +917,11 @@ class Supervisor:
             if self.stopping or process.returncode is not None or channel.closed.is_set():
                 return
             sent = time.monotonic()
+            seen = cgroup_oom_kills()  # (read before: a kill it counts came before the answer)
             try:
                 await channel.call("ping", wait=timeout)
+                if seen is not None:
+                    w.oom_seen = seen  # alive after those kills: none of them is its own
             except TimeoutError:
                 if self.stopping or process.returncode is not None:
                     return

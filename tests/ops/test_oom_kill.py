@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -24,8 +25,8 @@ pytestmark = pytest.mark.slow
 
 BODY = 900 * 1024  # bodies as big as the memory tier stores (memory_max_object 1MB)
 KEYS = 200  # 180 MB: far more than the 32 MB memory tier and the cgroup's room above it
-OOM_LINE = re.compile(r"worker (\d) \(pid (\d+)\) exited with -9 \(SIGKILL: killed by the kernel's OOM killer "
-                      r"\(the memory limit of its cgroup: [\d.]+ MB; it needs cache\.memory 32 MB \+ 3 processes "
+OOM_LINE = re.compile(r"worker (\d) \(pid (\d+)\) exited with -9 \(SIGKILL: likely the kernel's OOM killer, its "
+                      r"cgroup's count of OOM kills rose while it ran \(the memory limit of its cgroup: [\d.]+ MB; it needs cache\.memory 32 MB \+ 3 processes "
                       r"\(2 workers and the supervisor\) x 100 MB = 332 MB\)\); restarting")
 
 
@@ -86,6 +87,49 @@ async def test_at_the_memory_limit_the_oom_killer_ends_a_worker_which_is_restart
             for _ in range(4):  # either worker (SO_REUSEPORT picks one per connection)
                 reply = await proxy.get("/b0")
                 assert reply.status == 200 and reply.body == body
+            assert await proxy.stop() == 0
+        except TimeoutError:
+            raise AssertionError("\n".join(proxy.lines)) from None
+        finally:
+            await proxy.kill()
+
+
+# Another program of the cgroup: it makes itself the OOM killer's first choice, then takes memory
+# until the kernel ends it.
+HOG = ("open('/proc/self/oom_score_adj', 'w').write('1000')\n"
+       "kept = []\n"
+       "while True: kept.append(bytearray(1 << 20))")
+
+
+async def test_a_kill_9_after_another_processes_oom_kill_is_a_plain_sigkill(origin: Origin, tmp_path: Path) -> None:
+    """The OOM-kill counter is the cgroup's: the supervisor compared it with its value at the
+    supervisor's start, so once any process of the cgroup had been OOM-killed (another program
+    of the container), an operator's ``kill -9`` of a worker started after that was said to be
+    the OOM killer's. A kill counted before the worker started is not its own."""
+    config = write_config(str(tmp_path), origin.url, "cache: {memory: 16MB, disk: {path: disk, size: 64MB}}\n")
+    with memory_cgroup() as cgroup:
+        proxy = ProxyProcess(str(tmp_path), config, program=(*cgroup.enter(), sys.executable, "-m", "proxy"))
+        try:
+            await proxy.start("--workers", "2", with_log=True)
+            await proxy.wait_for(lambda: len(proxy.workers) == 2)
+            cgroup.set_limit(cgroup.usage() + 64 * MB)
+            hog = await asyncio.create_subprocess_exec(*cgroup.enter(), sys.executable, "-c", HOG)
+            assert await asyncio.wait_for(hog.wait(), 60) == -signal.SIGKILL
+            cgroup.set_limit(None)
+            assert cgroup.oom_kills() == 1
+            assert all(p in cgroup.procs() for p in proxy.workers.values())  # the hog alone was ended
+            # Worker 1 starts again after that kill (stopped by a SIGTERM sent to it) ...
+            old = proxy.workers[1]
+            os.kill(old, signal.SIGTERM)
+            await proxy.wait_for(lambda: proxy.workers[1] != old and f"worker 1 ready (pid {proxy.workers[1]})"
+                                 in "\n".join(proxy.lines))
+            # ... and an operator's kill -9 of it is a plain SIGKILL.
+            pid = proxy.workers[1]
+            os.kill(pid, signal.SIGKILL)
+            await proxy.wait_for(lambda: proxy.workers[1] != pid)
+            said = [line for line in proxy.lines if f"(pid {pid}) exited" in line]
+            assert said and all("exited with -9 (killed by SIGKILL); restarting" in line for line in said), said
+            assert cgroup.oom_kills() == 1
             assert await proxy.stop() == 0
         except TimeoutError:
             raise AssertionError("\n".join(proxy.lines)) from None
