@@ -1186,6 +1186,8 @@ class MissPath:
                 # the limit is (its head had said stored).
                 engine.metrics.not_stored_because(refused, url_of_key(key))
             why = store_detail or abandoned or refused or ("PURGED" if doomed else "INCOMPLETE")
+            if why == "PURGED":  # (as every other reason a response is not stored: counted)
+                engine.metrics.not_stored_because(why, url_of_key(key))
             self._end(run, Passed(why))
             return
         # Visible in memory before the last reader sees the end of the body, so the

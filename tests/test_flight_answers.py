@@ -247,6 +247,39 @@ async def test_a_fill_sent_before_an_invalidation_and_answered_after_it_is_not_s
     assert (await proxy.get("/other")).x_cache == "HIT"  # what the invalidation did not cover was stored
 
 
+def purged_count(proxy: Proxy) -> float:
+    return proxy.runtime.metrics.registry.get_sample_value(
+        "cachegate_not_stored_total", {"reason": "PURGED"}) or 0.0
+
+
+async def test_a_fill_purged_while_its_body_streams_is_counted_not_stored_as_purged(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """Its head went out saying stored (the body's end was not there yet); the purge that came
+    meanwhile keeps it out of the cache, and it is counted under PURGED as the other reasons a
+    response is not stored are (``cachegate_not_stored_total``, the metrics docs: by detail)."""
+    started = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Cache-Control": "max-age=600", "Content-Length": "20"})
+        await resp.prepare(request)
+        await resp.write(b"0123456789")
+        started.set()
+        await asyncio.sleep(0.5)
+        await resp.write(b"abcdefghij")
+        return resp
+
+    origin.route("/slow", slow)
+    proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0', purge_from: [127.0.0.0/8, '::1/128']}\n")
+    get = asyncio.ensure_future(proxy.get("/slow"))
+    await started.wait()
+    assert (await proxy.admin("POST", "/purge", json={"urls": [f"{proxy.url}/slow"]})).status == 200
+    answered = await get
+    assert answered.body == b"0123456789abcdefghij"
+    assert purged_count(proxy) == 1
+    assert (await proxy.get("/slow")).x_cache == "MISS"  # not stored
+    assert purged_count(proxy) == 1
+
+
 STALE_IF_ERROR = {"Cache-Control": "max-age=1, stale-if-error=60"}
 NEW_BODY = b"new" * 1000  # small: each client is sent it whole, its head with it
 
