@@ -99,7 +99,7 @@ KNOWN_LABELS: dict[str, tuple[str, ...]] = {
     "cachegate_purge_refused": ("forbidden", "disabled", "origin"),
     "cachegate_slow_readers": ("resumed", "cut_off"),
     # ``proxy.web.headtimeout.LimitedHandler.limited``
-    "cachegate_client_connections_closed": ("send_timeout", "cap_oldest", "cap_refused"),
+    "cachegate_client_connections_closed": ("send_timeout", "cap_oldest", "cap_refused", "max_unsent"),
     # the store's own reasons (a full disk, too large, the spools' share used up, the disk tier
     # over cache.disk.size); the response's reasons (PRIVATE, RULE-NO-STORE:<rule>, ...) stay
     # open-ended
@@ -312,7 +312,9 @@ class Metrics:
                                      "Client connections closed by a limit: send_timeout (a reply "
                                      "unread that long), cap_oldest (the oldest waiting for its "
                                      "client, to admit a new one past max_connections), cap_refused "
-                                     "(a new one past max_connections, every other busy)", ["reason"],
+                                     "(a new one past max_connections, every other busy), max_unsent "
+                                     "(a reply unread for a second, past the worker's max_unsent)",
+                                     ["reason"],
                                      registry=r)
         self.access_log_dropped = Counter("cachegate_access_log_dropped_lines",
                                           "Access log lines not written: a write failed (a full disk)",

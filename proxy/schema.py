@@ -664,7 +664,8 @@ def elements(item: Src) -> builtins.list[Src]:
     return builtins.list(item.value)
 
 
-def byte_size(*, minimum: Int | None = None, why: Str = "") -> Parser[Int]:
+def byte_size(*, minimum: Int | None = None, why: Str = "", null: Str = "") -> Parser[Any]:
+    """A size; ``null``: what an explicit null means (None: no limit), when it is allowed."""
     def read(item: Src, ctx: Context) -> Int:
         try:
             value = parse_size(item.value, item.raw)
@@ -675,6 +676,9 @@ def byte_size(*, minimum: Int | None = None, why: Str = "") -> Parser[Int]:
         return value
 
     kind = "size (512KB, 256MB, 10GB)" if minimum is None else f"size ≥ {show_size(minimum)}"
+    if null:
+        return Parser(f"{kind}, or null ({null})", read, on_null=lambda ctx: None,
+                      show=lambda v: "null" if v is None else show_size(v))
     return Parser(kind, read, show=show_size)
 
 

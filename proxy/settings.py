@@ -1146,6 +1146,16 @@ class Settings:
                                                 "stay below the open-files limit: "
                                                 "[requests.md](requests.md#limits))",
                                           integer(minimum=1))
+    # A memory hit is handed to its connection whole: each client that asked for a 1 MB object
+    # and read nothing held ~1 MB of the worker's memory until send_timeout (1,000 of them: +1,000
+    # MB; up to max_connections x memory_max_object x 2 per worker).
+    max_unsent: int | None = setting(64 * MB, "per worker: the bytes replies hold in the worker's buffers "
+                                              "while their writes are paused (their clients read slower "
+                                              "than they are sent); past it, connections whose client has "
+                                              "read none of its reply for a second are reset, the longest "
+                                              "unread first, until it is met (a reply being read, however "
+                                              "slowly, never is): [requests.md](requests.md#limits)",
+                                     byte_size(minimum=MB, why=" (null: no budget)", null="no budget"))
     # A request body is sent upstream as it arrives, on a pooled connection: without a limit, a
     # client that stalls mid-upload holds that connection for as long as it likes, and
     # pool_size of them stop every other client's misses (nginx: client_body_timeout).

@@ -107,7 +107,14 @@ from proxy.storage.memory import Cached
 from proxy.web.fastheads import HEAD_ONLY, NOT_MODIFIED, HeadShapes
 from proxy.web.frontend import Front, FrontEnd
 from proxy.web.heads import asks_to_close, from_response
-from proxy.web.headtimeout import Discarding, LimitedHandler, LimitedServer, empty_lines, unfinished_head
+from proxy.web.headtimeout import (
+    Discarding,
+    LimitedHandler,
+    LimitedServer,
+    UnsentBudget,
+    empty_lines,
+    unfinished_head,
+)
 from proxy.web.proxy_handler import UnbuildableRequest, sendfile_now
 from proxy.web.refusals import refusal_reason
 
@@ -421,11 +428,12 @@ class ProxyRequestHandler(LimitedHandler):
         return resp
 
     def limited(self, what: str, *, lingering: bool = False) -> None:
-        """A connection closed by ``send_timeout`` or ``max_connections``: counted, and the cap's
-        closings logged, a line a minute at most for each kind (``ProxyServer.capped``)."""
+        """A connection closed by ``send_timeout``, ``max_connections`` or ``max_unsent``:
+        counted, and the cap's closings logged, a line a minute at most for each kind
+        (``ProxyServer.capped``; the budget's once a walk: ``UnsentBudget``)."""
         self._front.runtime.metrics.client_closed.labels(what).inc()
         manager = self._manager
-        if what != "send_timeout" and isinstance(manager, ProxyServer):
+        if what.startswith("cap_") and isinstance(manager, ProxyServer):
             manager.capped(self._max_connections, what, lingering=lingering)
 
     def head_timed_out(self, timeout: float) -> None:
@@ -1139,6 +1147,9 @@ class ProxyServer(LimitedServer):
         self._capped_by: Settings | None = None  # the settings ``max_connections`` was taken from
         self._max_connections = DEFAULT_MAX_CONNECTIONS
         self._capped = Summarised(window=60.0)  # (``capped``)
+        if front.unsent is None:  # max_unsent: one budget for the worker, all its client listeners
+            front.unsent = UnsentBudget(self._loop, lambda: front.runtime.settings.max_unsent, log)
+        self.unsent_budget = front.unsent
         state = probe()
         front.runtime.metrics.fast_path = state  # cachegate_fast_path_enabled, /stats
         self._fast = fast if state.enabled else None

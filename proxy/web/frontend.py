@@ -23,7 +23,7 @@ an older config is told apart by identity alone.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from multidict import CIMultiDict
 
@@ -32,6 +32,9 @@ from proxy.metrics import CounterChild
 from proxy.policy.messages import RequestHead
 from proxy.policy.request import Refusal, normalise_request
 from proxy.runtime import MAX_HOSTS_SEEN, Runtime
+
+if TYPE_CHECKING:
+    from proxy.web.headtimeout import UnsentBudget
 
 TRUST_MEMORY = 4096  # peers whose verdict is remembered (then forgotten all at once)
 TIERS = ("memory", "disk", "upstream", "none")  # where a reply's body comes from (``Reply.tier``)
@@ -149,11 +152,13 @@ class Front:
     runtime's ``debug_headers`` and ``worker_id`` are read when a front end is built: they are
     set before the client listeners start."""
 
-    __slots__ = ("_current", "runtime")
+    __slots__ = ("_current", "runtime", "unsent")
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self._current: FrontEnd | None = None
+        # The worker's max_unsent, shared by its client listeners (made by the first: ``ProxyServer``).
+        self.unsent: UnsentBudget | None = None
 
     def reset(self) -> None:
         """Build the front end anew at the next request (the runtime's ``bound_listen`` is set)."""

@@ -29,6 +29,7 @@ import socket
 import struct
 import termios
 from collections.abc import Awaitable, Callable, Iterable
+from operator import attrgetter
 from typing import Any
 
 from aiohttp import web
@@ -37,8 +38,10 @@ from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineToo
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
+from proxy.logs import Summarised
 from proxy.paused import PAUSE_GRACE, late
 from proxy.policy.request import LineOpen, simple_request
+from proxy.room import human_size
 from proxy.web.heads import from_response
 from proxy.web.lingering import Lingering
 from proxy.web.refusals import refusal_logged
@@ -422,6 +425,21 @@ class LimitedHandler(HeadTimedHandler):
     def pause_writing(self) -> None:
         super().pause_writing()
         self._sampled(self.unsent())
+        budget = self.unsent_budget()
+        if budget is not None:
+            budget.paused(self)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        budget = self.unsent_budget()
+        if budget is not None:
+            budget.resumed(self)
+
+    def unsent_budget(self) -> UnsentBudget | None:
+        """The listener's ``max_unsent`` (the client listeners'; the admin listener has none):
+        asked only when the writes pause or resume, and at the connection's loss."""
+        manager = self._manager
+        return manager.unsent_budget if isinstance(manager, LimitedServer) else None
 
     def _sampled(self, unsent: int) -> None:
         """Progress is measured from now on (``unsent`` left to send), every ``sample_every``."""
@@ -440,6 +458,9 @@ class LimitedHandler(HeadTimedHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._send_ended()
         self._hold_ended()
+        budget = self.unsent_budget()
+        if budget is not None:
+            budget.resumed(self)
         super().connection_lost(exc)
         self._closing = None  # (gone from the server's list: counted no more)
 
@@ -559,15 +580,25 @@ class LimitedHandler(HeadTimedHandler):
         transport = self.transport or self._closing
         if transport is None:
             return 0
+        size = self.buffered(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError):  # (closed: the buffers alone)
+                size += struct.unpack("i", fcntl.ioctl(sock.fileno(), queue, b"\0" * 4))[0]
+        return size
+
+    def buffered(self, transport: asyncio.Transport | None = None) -> int:
+        """Bytes the reply has left in the worker's memory: its transport's buffers (``unsent``
+        without the kernel's queue; no system call), those of ``transport`` when given."""
+        if transport is None:
+            transport = self.transport or self._closing
+            if transport is None:
+                return 0
         size = transport.get_write_buffer_size()
         # A TLS transport's buffer is its own; the encrypted bytes wait in the socket's one.
         raw = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
         if isinstance(raw, asyncio.WriteTransport):
             size += raw.get_write_buffer_size()
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError, ValueError):  # (closed: the buffers alone)
-                size += struct.unpack("i", fcntl.ioctl(sock.fileno(), queue, b"\0" * 4))[0]
         return size
 
     def reply_moved(self, within: float) -> bool:
@@ -725,8 +756,9 @@ class LimitedHandler(HeadTimedHandler):
     def limited(self, what: str, *, lingering: bool = False) -> None:
         """A limit closed a connection: ``send_timeout`` (this one's reply unread), ``cap_oldest``
         (an older one, to admit this one; ``lingering``: one in its lingering close), ``cap_refused``
-        (this one, all others busy). The admin listener only logs it (at DEBUG, above); the
-        client listener counts it too."""
+        (this one, all others busy), ``max_unsent`` (this one's reply unread, past the listener's
+        ``UnsentBudget``). The admin listener only logs it (at DEBUG, above); the client listener
+        counts it too."""
 
     def reply_stalled(self) -> bool:
         """A reply (or pipelined ones) its client has not read any of for ``CAP_STALLED``
@@ -966,6 +998,125 @@ def _close_waiting(other: LimitedHandler, cap: int) -> bool:
     return lingering
 
 
+class UnsentBudget:
+    """``max_unsent``: a bound on the bytes replies hold in the worker's memory while their
+    clients do not read them, one for all of a worker's client listeners (the admin listener has
+    none: it keeps ADMIN_MAX_CONNECTIONS connections at most, and its replies are tens of KB).
+
+    A reply is handed to its transport whole (a memory hit, copied out of the shared memory;
+    aiohttp's handler writing a body it holds): what the kernel's send queue does not take
+    waits in the transport's buffer until the client reads it. So each connection that asked
+    for a 1 MB object and read nothing held about 1 MB of the worker's memory until
+    ``send_timeout`` reset it (300 such connections: +302 MB), up to ``max_connections`` ×
+    ``memory_max_object`` × 2 per worker: a kilobyte sent pinned a megabyte for a minute.
+    nginx holds tens of kilobytes per such connection (sendfile, ``proxy_buffers``).
+
+    The bookkeeping follows the transports' own flow control, nothing per request: when a
+    connection's writes pause (its buffers past their high-water mark: ``pause_writing``), what
+    its buffers hold then is added to ``total`` (``LimitedHandler.buffered``: no system call);
+    when they resume, or the connection is lost, it is taken off (``resumed``). A reply the
+    kernel takes at once never pauses, and costs nothing here. ``total`` overstates as clients
+    read (each is measured at its pause only).
+
+    When a pause takes ``total`` past the budget, each paused connection is measured again; if
+    it is still over, the connections whose client has read none of its reply for
+    ``CAP_STALLED`` (``reply_stalled``, as the connection cap decides it) are reset (``drop``),
+    the longest unread first, until it is met: counted (``limited("max_unsent")``), and logged
+    once a walk, the lines summarised (one a minute at most, as the cap's). A reply being read,
+    however slowly, is never reset for the budget. If it is still over, the budget looks again
+    when the first of those not read could have stalled (``CAP_STALLED`` after its pause at
+    most): one timer for the worker, and pauses meanwhile only add to ``total``. So beyond the
+    budget a worker holds up to its transport's high-water mark on each connection that
+    stopped reading, for up to ``CAP_STALLED`` (and a sample) what the replies not yet found
+    stalled hold, and on the general path a second copy of a body its handler holds while its
+    reply waits.
+
+    Cost: a dict update at each pause and at each resume; once over the budget, a walk over the
+    paused connections (a buffer size each, a sort, and a measure of the kernel's queue for each
+    one looked at as stalled) at a pause that finds it over with no look pending, at most one
+    every ``GAP`` seconds."""
+
+    # The least time between two walks: pauses past the budget within it wait for a timer at
+    # its end. Once a walk has brought the total under the budget, the next connection that reads
+    # nothing takes it over again: a flood would cost a walk over every paused connection (slow
+    # readers' too) per connection it opens, and costs one per GAP at most instead.
+    GAP = 0.1
+
+    __slots__ = ("_held", "_limit", "_log", "_loop", "_said", "_timer", "_walked", "total")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: Callable[[], int | None],
+                 logger: logging.Logger) -> None:
+        self._loop = loop
+        self._limit = limit  # the budget, read at each look (a reload's applies at once); None: none
+        self._log = logger
+        self._said = Summarised(window=60.0)  # (``_over``'s line: as the connection cap's)
+        self._held: dict[LimitedHandler, int] = {}  # paused connections, what each held when measured
+        self.total = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._walked = -self.GAP  # when the last walk was (``_over``)
+
+    def paused(self, conn: LimitedHandler) -> None:
+        """``conn``'s writes paused: what its buffers hold counts from now on."""
+        held = conn.buffered()
+        self.total += held - self._held.get(conn, 0)
+        self._held[conn] = held
+        if self._timer is None:
+            limit = self._limit()
+            if limit is not None and self.total > limit:
+                now = self._loop.time()
+                if now - self._walked >= self.GAP:
+                    self._over(limit)
+                else:
+                    self._timer = self._loop.call_at(self._walked + self.GAP, self._again)
+
+    def resumed(self, conn: LimitedHandler) -> None:
+        """``conn``'s writes resumed, or it is lost: it holds nothing the budget counts."""
+        held = self._held.pop(conn, None)
+        if held is not None:
+            self.total -= held
+
+    def _again(self) -> None:
+        self._timer = None
+        limit = self._limit()
+        if limit is not None and self.total > limit:
+            self._over(limit)
+
+    def _over(self, limit: int) -> None:
+        """Past ``limit`` as last counted: measured again, then the stalled reset as needed."""
+        self._walked = now = self._loop.time()
+        held = self._held
+        total = 0
+        for conn in held:
+            held[conn] = size = conn.buffered()
+            total += size
+        self.total = before = total
+        if total <= limit:
+            return
+        reset = 0
+        for conn in sorted(held, key=attrgetter("_moved_at")):
+            if now - conn._moved_at < CAP_STALLED:
+                break  # (a measure only moves it later: this one and those after it were read lately)
+            if not conn.reply_stalled():
+                continue
+            self.total -= held.pop(conn)
+            log.debug("a reply to %s unread for %gs reset: max_unsent (%d bytes) exceeded",
+                      conn.peername, now - conn._moved_at, limit)
+            conn.limited("max_unsent")
+            conn.drop()
+            reset += 1
+            if self.total <= limit:
+                break
+        if reset:
+            # A line when it begins, then one a minute at most while it goes on (``Summarised``).
+            self._said.log(logging.WARNING, self._log, "max_unsent",
+                           "max_unsent (%s) exceeded in this worker: replies waiting for their client "
+                           "held %s; %d connection(s) whose client had read nothing for %gs reset, %s left",
+                           human_size(limit), human_size(before), reset, CAP_STALLED, human_size(self.total))
+        if self.total > limit and held:
+            first = min(c._moved_at for c in held) + CAP_STALLED + HOLD_MARGIN
+            self._timer = self._loop.call_at(max(first, now + self.GAP), self._again)
+
+
 class CappedHandler(LimitedHandler):
     """A connection of the admin listener (``LimitedHandler``'s limits). A request aiohttp's
     parser refuses is answered like every admin error, ``{"error": "..."}`` (``handle_error``);
@@ -1058,6 +1209,7 @@ class LimitedServer(web.Server):
         # Connections held over ``max_connections`` for the cap's second look (``LimitedHandler._hold``).
         self.held: set[LimitedHandler] = set()
         self.stopping = False  # (``pre_shutdown``)
+        self.unsent_budget: UnsentBudget | None = None  # (a listener with ``max_unsent``: the client one)
         factory: Callable[..., web.BaseRequest] | None = kwargs.get("request_factory")
         if factory is None:
             return
@@ -1122,5 +1274,5 @@ class CappedServer(LimitedServer):
 
 
 __all__ = ["CappedHandler", "CappedServer", "HeadTimedHandler", "LimitedHandler", "LimitedServer",
-           "after_body", "close_oldest_waiting", "empty_lines", "live_connections", "oldest_waiting",
-           "unfinished_head"]
+           "UnsentBudget", "after_body", "close_oldest_waiting", "empty_lines", "live_connections",
+           "oldest_waiting", "unfinished_head"]

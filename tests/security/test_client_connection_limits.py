@@ -1,4 +1,5 @@
-"""The client listener's limits on connections: ``send_timeout`` and ``max_connections``.
+"""The client listener's limits on connections: ``send_timeout``, ``max_connections`` and
+``max_unsent``.
 
 A client that asks for a large hit and never reads it held what its reply had left to send in
 the worker's memory for as long as it kept the connection open (3,000 such connections for a
@@ -8,6 +9,8 @@ capped how many connections a worker kept, so connections that only wait for the
 for ``send_timeout`` seconds has its connection aborted, and one more connection than
 ``max_connections`` closes the oldest that only waits for its client, else itself. A reply its
 client reads, however slowly, is neither timed out nor closed by the cap; one timed out is reset.
+Until send_timeout, each such connection still held its reply (about 1 MB for a memory hit):
+past ``max_unsent`` per worker, those whose client has read nothing for a second are reset.
 """
 
 from __future__ import annotations
@@ -27,22 +30,26 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.config import load_config
+from proxy.config import Overrides, load_config
 from proxy.room import OTHER_FILES, SHARD_FILES
 from proxy.web.fastpath import ProxyServer, connection_cap
-from proxy.web.server import OpenFilesWatch
+from proxy.web.server import OpenFilesWatch, install_reloader
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy, self_signed
 
 BIG = bytes(range(256)) * (12 * 1024)  # 3 MB: more than the sockets' buffers take
 
 
-def client_connections(proxy: Proxy) -> int:
-    """Connections the client listener holds (gone from the list once their handler ended)."""
+def client_server(proxy: Proxy) -> ProxyServer:
     for runner in proxy.listeners.runners:
         if isinstance(runner.server, ProxyServer):
-            return len(runner.server._connections)
+            return runner.server
     raise AssertionError("no client listener")
+
+
+def client_connections(proxy: Proxy) -> int:
+    """Connections the client listener holds (gone from the list once their handler ended)."""
+    return len(client_server(proxy)._connections)
 
 
 async def closed_count(proxy: Proxy, reason: str) -> float:
@@ -53,13 +60,17 @@ async def closed_count(proxy: Proxy, reason: str) -> float:
     return float(found.group(1)) if found else -1.0
 
 
-def unread(proxy: Proxy, path: str) -> socket.socket:
-    """A connection asking for ``path`` whose client reads nothing (a tiny receive buffer)."""
-    host, port = proxy.listeners.proxy_addresses[0]
+def unread(proxy: Proxy, path: str, fields: str = "", mss: int = 0, listener: int = 0) -> socket.socket:
+    """A connection asking for ``path`` (with ``fields``, CRLF-ended) whose client reads nothing
+    (a tiny receive buffer). ``mss``: the segment size it announces, as over a real network
+    (``WAN_MSS``): on loopback the kernel's send queue otherwise takes a 1 MB reply whole."""
+    host, port = proxy.listeners.proxy_addresses[listener]
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    if mss:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
     sock.connect((host, port))
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: a.test\r\n\r\n".encode())
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: a.test\r\n{fields}\r\n".encode())
     return sock
 
 
@@ -223,13 +234,16 @@ async def test_a_start_raises_the_soft_open_files_limit_to_the_hard_one(origin: 
 
 
 def slow_read(host: str, port: int, path: str, chunk: int, every: float, stop_after: int = 0,
-              stop_for: float = 0.0, hurry: threading.Event | None = None) -> tuple[int, int, str]:
+              stop_for: float = 0.0, hurry: threading.Event | None = None, mss: int = 0
+              ) -> tuple[int, int, str]:
     """A client that reads ``chunk`` bytes of the answer to ``path`` every ``every`` seconds
     (once it has ``stop_after`` bytes, if set, reads nothing for ``stop_for`` seconds, then all
-    it can; once ``hurry`` is set, all it can): the length announced, the body bytes it got, and
-    how it ended: ``whole``, ``eof`` or ``reset``."""
+    it can; once ``hurry`` is set, all it can; ``mss`` as ``unread``'s): the length announced,
+    the body bytes it got, and how it ended: ``whole``, ``eof`` or ``reset``."""
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+        if mss:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
         sock.connect((host, port))
         sock.sendall(f"GET {path} HTTP/1.1\r\nHost: a.test\r\n\r\n".encode())
         got, length, head = b"", -1, 0
@@ -811,3 +825,136 @@ async def test_connections_held_over_the_cap_stay_bounded_when_each_is_served_th
             sock.close()
         for _, w in new:
             w.close()
+
+
+ONE_MB = bytes(range(256)) * 4096  # cache.memory_max_object's default: the largest memory hit
+# An Ethernet path's segment size, announced by a client (``unread``): the kernel's send queue then
+# takes ~100 KB of a reply, as over a real network, and the rest waits in the worker's memory.
+WAN_MSS = 1460
+MEMORY_ONLY = "cache: {memory: 64MB, disk: null}\n"  # (a hit's body copied out of the shared memory)
+A_TEST = {"Host": "a.test"}
+
+
+async def stored_big(proxy: Proxy, origin: Origin) -> None:
+    """/big on a.test (``unread``'s host), ONE_MB, stored: a hit from now on."""
+    origin.route("/big", body=ONE_MB, headers={"Cache-Control": "max-age=600"})
+    assert (await proxy.get("/big", headers=A_TEST)).body == ONE_MB
+    for _ in range(100):  # (the fill's reply went out before it was stored)
+        reply = await proxy.get("/big", headers=A_TEST)
+        if reply.headers["X-Cache-Status"] == "HIT":
+            assert reply.body == ONE_MB
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("/big was not stored")
+
+
+def held_by_replies(proxy: Proxy) -> int:
+    """What the client listeners' connections hold in the worker's buffers, measured now."""
+    return sum(c.transport.get_write_buffer_size() for r in proxy.listeners.runners if isinstance(r.server, ProxyServer)
+               for c in r.server._connections if c.transport is not None)
+
+
+def budget_resets(proxy: Proxy) -> float:
+    return proxy.runtime.metrics.client_closed.labels("max_unsent").value
+
+
+@pytest.mark.parametrize("path", ["fast", "general"])
+async def test_past_max_unsent_replies_nobody_reads_are_reset_and_a_reader_is_served(
+        make_proxy: MakeProxy, origin: Origin, caplog: pytest.LogCaptureFixture, path: str) -> None:
+    # A memory hit is handed to its connection whole: each client that asked for 1 MB and read
+    # nothing held ~1 MB of the worker's memory until send_timeout (a minute), 40 of them ~35 MB
+    # here. Past max_unsent, those whose client read none of it for a second are reset, the
+    # longest unread first, down to the budget. The general path (a range) holds its reply too.
+    caplog.set_level(logging.WARNING, "cachegate.proxy")
+    proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0'}\nmax_unsent: 8MB\n" + MEMORY_ONLY)
+    await stored_big(proxy, origin)
+    fast = client_server(proxy).fast
+    assert fast is not None
+    answered, before = fast.answered, client_connections(proxy)
+    socks = [unread(proxy, "/big", "Range: bytes=0-\r\n" if path == "general" else "", WAN_MSS)
+             for _ in range(40)]
+    try:
+        assert await until(lambda: budget_resets(proxy) > 0, 5), held_by_replies(proxy)
+        # A client that reads gets the whole body meanwhile.
+        reply = await proxy.get("/big", headers=A_TEST)
+        assert (reply.body, reply.headers["X-Cache-Status"]) == (ONE_MB, "HIT")
+        assert await until(lambda: held_by_replies(proxy) <= 8 << 20, 5), held_by_replies(proxy)
+        assert fast.answered - answered == (41 if path == "fast" else 1)  # (the path meant)
+        reset = budget_resets(proxy)
+        assert 40 - 14 <= reset <= 40 - 6, reset  # all but the ~8 that fit (~0.9 MB each)
+        assert client_connections(proxy) == before + 40 - reset
+        assert held_by_replies(proxy) > 4 << 20  # (not all of them: only down to the budget)
+        # The oldest (the longest unread) was reset: its client sees a reset, never an end.
+        assert await asyncio.to_thread(how_it_ends, socks[0], 5) == "reset"
+        assert await closed_count(proxy, "max_unsent") == reset
+        assert await closed_count(proxy, "send_timeout") == 0
+        lines = [(r.levelname, r.getMessage()) for r in caplog.records if "max_unsent" in r.getMessage()]
+        assert len(lines) == 1 and lines[0][0] == "WARNING", lines  # one line, not one per connection
+        assert re.fullmatch(r"max_unsent \(8 MB\) exceeded in this worker: replies waiting for their "
+                            r"client held [\d.]+ MB; \d+ connection\(s\) whose client had read nothing "
+                            r"for 1s reset, [\d.]+ MB left", lines[0][1]), lines
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+async def test_past_max_unsent_a_client_reading_slowly_is_never_reset(make_proxy: MakeProxy,
+                                                                      origin: Origin) -> None:
+    # A reply its client reads, however slowly (~200 KB/s here, its writes paused most of the
+    # time), keeps its connection while clients that read nothing keep the budget exceeded.
+    proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0'}\nmax_unsent: 2MB\n" + MEMORY_ONLY)
+    await stored_big(proxy, origin)
+    host, port = proxy.listeners.proxy_addresses[0]
+    reading = asyncio.ensure_future(asyncio.to_thread(slow_read, host, port, "/big", 16384, 0.08, mss=WAN_MSS))
+    socks: list[socket.socket] = []
+    try:
+        while not reading.done():  # clients that read nothing keep coming: over the budget all along
+            socks.append(unread(proxy, "/big", mss=WAN_MSS))
+            await asyncio.sleep(0.25)
+        assert await reading == (len(ONE_MB), len(ONE_MB), "whole")
+        assert len(socks) >= 12  # (read over 3 s at least)
+        assert budget_resets(proxy) >= len(socks) - 6, (budget_resets(proxy), len(socks))
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+async def test_max_unsent_null_is_no_budget_and_a_reload_applies_a_new_one_at_once(
+        make_proxy: MakeProxy, origin: Origin) -> None:
+    # As max_connections: read from the live settings, the reload's applies from the next reply
+    # whose writes pause (no restart, and to the connections already open).
+    proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0'}\nmax_unsent: null\n" + MEMORY_ONLY)
+    install_reloader(proxy.runtime, proxy.config_path, Overrides())
+    await stored_big(proxy, origin)
+    before = client_connections(proxy)
+    socks = [unread(proxy, "/big", mss=WAN_MSS) for _ in range(12)]
+    try:
+        assert await until(lambda: held_by_replies(proxy) > 8 << 20, 5), held_by_replies(proxy)
+        await asyncio.sleep(1.5)  # stalled a second and more: nothing reset, no budget
+        assert budget_resets(proxy) == 0 and client_connections(proxy) == before + 12
+        config = Path(proxy.config_path)
+        config.write_text(config.read_text().replace("max_unsent: null", "max_unsent: 4MB"))  # noqa: ASYNC240
+        assert (await proxy.admin("POST", "/reload")).status == 200
+        assert proxy.runtime.settings.max_unsent == 4 << 20
+        socks.append(unread(proxy, "/big", mss=WAN_MSS))  # its pause finds the budget exceeded
+        assert await until(lambda: held_by_replies(proxy) <= 4 << 20, 5), held_by_replies(proxy)
+        assert 12 - 8 <= budget_resets(proxy) <= 12 - 2, budget_resets(proxy)
+        assert socks[-1].recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""  # the new one kept
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+async def test_max_unsent_is_one_budget_for_all_the_client_listeners_of_a_worker(make_proxy: MakeProxy,
+                                                                                origin: Origin) -> None:
+    proxy = await make_proxy(config="listen: ['127.0.0.1:0', '127.0.0.1:0']\nadmin: {listen: '127.0.0.1:0'}\n"
+                                    "max_unsent: 4MB\n" + MEMORY_ONLY)
+    await stored_big(proxy, origin)
+    socks = [unread(proxy, "/big", mss=WAN_MSS, listener=i % 2) for i in range(12)]  # 6 on each, ~5 MB
+    try:
+        assert await until(lambda: budget_resets(proxy) > 0, 5), held_by_replies(proxy)
+        assert await until(lambda: held_by_replies(proxy) <= 4 << 20, 5), held_by_replies(proxy)
+        assert held_by_replies(proxy) > 2 << 20
+    finally:
+        for sock in socks:
+            sock.close()
