@@ -20,8 +20,10 @@ every worker to the supervisor. Merging rules:
 - counters and histograms are summed over the supervisor and every worker; a
   worker that dies has its last reported values kept (``retired``), so the sums
   never go down when a worker is restarted (Prometheus would read that as a reset);
-- families only the supervisor keeps (reloads, purges) and the tiers' gauges come
-  from the supervisor alone (every worker sees the same shared memory and disk);
+- families only the supervisor keeps (reloads, purges) and the tiers' figures
+  (entries, bytes, evictions, write-behind losses) come from the supervisor alone
+  (every worker sees the same shared memory and disk), and so does nothing of them
+  from a dead worker's last values (``NOT_FROM_WORKERS``);
 - other gauges are summed over workers (requests in flight), except
   ``cachegate_upstream_up``, the mean over workers (0.5: half of the workers send it
   traffic), and ``cachegate_tls_certificate_expiry_seconds``, the earliest over workers
@@ -78,6 +80,9 @@ SHARED_TIER = frozenset({"cachegate_cache_entries", "cachegate_cache_bytes", "ca
 # cachegate_fast_path_enabled too: the processes with client listeners (0.5: half of them).
 WORKER_ONLY = frozenset({"cachegate_upstream_up", "cachegate_upstream_in_flight",
                          "cachegate_fast_path_enabled", "cachegate_tls_certificate_expiry_seconds"})
+# Families whose worker samples count for nothing: summing them (or keeping a dead worker's
+# last copy, ``ClusterMetrics.retire``) would count the supervisor's or the machine's number twice.
+NOT_FROM_WORKERS = SUPERVISOR_ONLY | SHARED_TIER
 MEAN_GAUGES = frozenset({"cachegate_upstream_up", "cachegate_fast_path_enabled"})
 # Gauges that hold a time: the earliest over workers, never a sum.
 MIN_GAUGES = frozenset({"cachegate_tls_certificate_expiry_seconds"})
@@ -540,7 +545,7 @@ class ClusterMetrics:
         if snap is None:
             return
         for name, kind, doc, samples in snap:
-            if kind == "gauge":
+            if kind == "gauge" or name in NOT_FROM_WORKERS:
                 continue
             self._types.setdefault(name, (kind, doc))
             for sample, labels, value in samples:
@@ -559,14 +564,10 @@ class ClusterMetrics:
 
         def add(snap: Snapshot, is_worker: bool) -> None:
             for name, kind, doc, samples in snap:
-                if is_worker and name in SUPERVISOR_ONLY:
-                    continue
-                if not is_worker and name in WORKER_ONLY:
+                if name in (NOT_FROM_WORKERS if is_worker else WORKER_ONLY):
                     continue
                 types.setdefault(name, (kind, doc))
                 for sample, labels, value in samples:
-                    if name in SHARED_TIER and is_worker:
-                        continue  # the machine's memory and disk: counted once, by the supervisor
                     k = (name, sample, tuple(sorted(labels.items())))
                     if name in MIN_GAUGES:
                         sums[k] = min(sums.get(k, value), value)

@@ -133,6 +133,9 @@ def test_a_restarted_workers_old_counts_are_kept_so_sums_never_go_down() -> None
     key = ("cachegate_requests_total", (("cache_status", "HIT"), ("method", "GET")))
     assert (before[key], after[key]) == (14, 15)
     assert after[("cachegate_cache_entries", (("tier", "memory"),))] == 0  # the supervisor's
+    # The machine's and the supervisor's counters: the supervisor's alone, the dead worker's not kept.
+    assert after[("cachegate_write_behind_lost_total", ())] == 3
+    assert after[("cachegate_config_reloads_total", (("result", "success"),))] == 1
 
 
 def test_the_window_covers_the_last_minute_of_samples() -> None:

@@ -110,6 +110,37 @@ async def test_counters_add_up_across_workers_and_survive_a_worker_restart(
         await proxy.stop()
 
 
+async def test_a_worker_restart_adds_nothing_to_the_machines_counters(
+        origin: Origin, tmp_path: Path) -> None:
+    """Evictions (the shared memory's) and reloads (the supervisor's) are counted once, by the
+    supervisor: a worker killed and started again leaves them as they were. (A dead worker's last
+    snapshot was kept whole, these included: one kill -9 doubled evictions_total, with no eviction,
+    and added a reload that never happened.) The worker's own counters still never go down."""
+    origin.route("/big", body=b"b" * 200_000, headers={"Cache-Control": "max-age=300"})
+    proxy = await start(origin, tmp_path, cache="cache: {memory: 4MB, memory_max_object: 256KB, "
+                        "disk: {path: cache, size: 64MB, shards: 2}}\n")
+    try:
+        for i in range(30):  # 6 MB of fills into 4 MB of shared memory
+            assert (await proxy.get(f"/big?i={i}")).status == 200
+        assert (await proxy.admin("POST", "/reload")).status == 200
+        evictions = ("cachegate_evictions_total", (("tier", "memory"),))
+        reloads = ("cachegate_config_reloads_total", (("result", "success"),))
+        before = samples((await proxy.admin("GET", "/metrics")).body)  # every worker's snapshot
+        stats = json.loads((await proxy.admin("GET", "/stats")).body)
+        assert before[evictions] == stats["tiers"]["memory"]["evictions"] > 0
+        assert before[reloads] == 1
+        assert requests_total(before) == 30
+
+        old = proxy.workers[0]
+        os.kill(old, signal.SIGKILL)
+        await proxy.wait_for(lambda: proxy.workers[0] != old, wait=30)  # its "ready" line
+        after = samples((await proxy.admin("GET", "/metrics")).body)
+        assert (after[evictions], after[reloads]) == (before[evictions], 1)
+        assert requests_total(after) == 30
+    finally:
+        await proxy.stop()
+
+
 async def test_cache_stats_and_explain_see_every_workers_memory_and_the_disk(
         origin: Origin, tmp_path: Path) -> None:
     origin.route("/p", body=b"page", headers={"Cache-Control": "max-age=300", "Surrogate-Key": "pages"})
