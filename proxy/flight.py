@@ -218,7 +218,10 @@ class Passed:
 
 @dataclass(frozen=True, slots=True)
 class BrokeOff:
-    """The origin's body broke off: the clients' bodies fail (never ended as if complete), nothing stored."""
+    """The origin's body broke off: the clients' bodies fail (never ended as if complete), nothing
+    stored. Also when it broke off in the same read as its head (the head never reached the
+    clients), or in the fetch of the worker holding the key's lease: the clients without a head
+    get the error, or stale-if-error, as for ``Unreachable`` (``failed_fetch``)."""
 
     label: ClassVar[str] = "broke_off"
 
@@ -313,6 +316,15 @@ class Aborted:
 
 FlightOutcome = (Filled | Freshened | Passed | BrokeOff | Abandoned | Unreachable | Adopted
                  | StoredElsewhere | Dispersed | Skipped | Stopped | Aborted)
+
+
+def failed_fetch(error: UpstreamError) -> BrokeOff | Unreachable:
+    """How a flight whose fetch failed without a head for its clients ends: ``BrokeOff`` when
+    the origin's body broke off (``UPSTREAM-BROKE-OFF``, the ``detail`` its clients are given:
+    it broke off in the read that brought its head, or in the fetch of the worker holding the
+    lease, whose error this worker was told), else ``Unreachable``. One origin fetch that broke
+    off was ``broke_off`` in the holder and ``unreachable`` in each worker waiting for it."""
+    return BrokeOff(error) if upstream_detail(error) == "UPSTREAM-BROKE-OFF" else Unreachable(error)
 
 
 @dataclass(slots=True)
@@ -474,7 +486,7 @@ class MissPath:
                     await self._deliver(run, said.resp, said.store_detail, said.entry, said.response_time,
                                         said.epoch)
                 case UpstreamError():
-                    self._end(run, Unreachable(said))
+                    self._end(run, failed_fetch(said))
                 case "drop":
                     self._end(run, Skipped())
                 case _:
@@ -665,6 +677,7 @@ class MissPath:
                 flight.body.finish()
                 result = FlightResult(False, detail)
             case BrokeOff(error=error):
+                flight.fail_head(error)  # (nothing when its head came: ``failed_fetch``)
                 flight.body.fail(error)
                 result = FlightResult(False, "UPSTREAM-BROKE-OFF")
             case Abandoned():
@@ -812,7 +825,7 @@ class MissPath:
                                 continue
                             # what the holder's own followers get: stale-if-error or the error
                             run.flight.elsewhere = True
-                            self._end(run, Unreachable(error))
+                            self._end(run, failed_fetch(error))
                             return
                         case "gone" | "ended" if loop.time() < deadline:
                             # The holder died: one of the waiters takes the lease on. Or the lease
@@ -1012,7 +1025,7 @@ class MissPath:
         try:
             resp = await engine.send(upstream, on_interim=interim)
         except UpstreamError as exc:
-            self._end(run, Unreachable(exc))
+            self._end(run, failed_fetch(exc))
             return
         request_time, response_time = engine.answered(sent)
         if run.background:

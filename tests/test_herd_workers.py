@@ -101,6 +101,11 @@ def counter(metrics: str, sample: str) -> float:
     return 0.0
 
 
+def flights(metrics: str, outcome: str) -> float:
+    """cachegate_flights_total of ``outcome`` in the metrics' text."""
+    return counter(metrics, f'cachegate_flights_total{{outcome="{outcome}"}}')
+
+
 async def upstream_requests(proxy: ProxyProcess) -> list[int]:
     """Each worker's count of requests to the (one) upstream, as the admin API shows it."""
     state = json.loads((await proxy.admin("GET", "/upstreams")).body)
@@ -603,15 +608,20 @@ async def test_a_fetch_whose_body_breaks_off_is_one_answer_for_both_workers(
     origin.route("/stale", breaking)
     assert (await two_workers.get("/stale")).body == b"v1"
     coalesced = "cachegate_coalesced_requests_total"
-    coalesced_before = counter((await two_workers.admin("GET", "/metrics")).body.decode(), coalesced)
+    before = (await two_workers.admin("GET", "/metrics")).body.decode()
+    coalesced_before = counter(before, coalesced)
     errors = answered(await herd(two_workers.url, "/gone", 16))
     assert len(errors) == 16 and {r.worker for r in errors} == {"0", "1"}
     went = "cachegate; fwd=uri-miss; detail=UPSTREAM-BROKE-OFF"
     assert Counter((r.status, r.headers["Cache-Status"]) for r in errors) == {
         (502, went): 1, (502, went.replace("; detail", "; collapsed; detail")): 15}
     assert origin.count("/gone") == 1
-    coalesced_after = counter((await two_workers.admin("GET", "/metrics")).body.decode(), coalesced)
-    assert coalesced_after - coalesced_before == 15
+    metrics = (await two_workers.admin("GET", "/metrics")).body.decode()
+    assert counter(metrics, coalesced) - coalesced_before == 15
+    # One origin fetch whose body broke off: so each worker's flight ended (the waiting worker's
+    # said "unreachable", an origin that answered counted as one that did not).
+    assert (flights(metrics, "broke_off") - flights(before, "broke_off"),
+            flights(metrics, "unreachable") - flights(before, "unreachable")) == (2, 0)
     await asyncio.sleep(1.1)  # /stale is stale now, within its stale-if-error
     stale = answered(await herd(two_workers.url, "/stale", 16))
     assert len(stale) == 16 and {r.worker for r in stale} == {"0", "1"}

@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.logs import REQUEST
 from tests.admin.test_metrics import scrape, value
@@ -78,6 +79,10 @@ async def test_a_malformed_chunk_in_the_heads_read_is_a_body_that_broke_off_not_
         for kind, grew in (("body_broke_off", 1), ("protocol", 0)):
             assert value(after, "cachegate_upstream_errors_total", upstream=origin.url, kind=kind) \
                 - value(before, "cachegate_upstream_errors_total", upstream=origin.url, kind=kind) == grew
+        # Its flight too (no client had its head: it was counted "unreachable").
+        for outcome, grew in (("broke_off", 1), ("unreachable", 0)):
+            assert value(after, "cachegate_flights_total", outcome=outcome) \
+                - value(before, "cachegate_flights_total", outcome=outcome) == grew
         upstreams = json.loads((await proxy.admin("GET", "/upstreams")).body)["upstreams"]
         assert [u["state"] for u in upstreams] == ["up"], upstreams
         good = await proxy.get("/good")  # the upstream is still in rotation
@@ -219,7 +224,7 @@ async def test_a_malformed_body_is_one_fetch_for_both_workers(tmp_path: Path, ap
                                                          "upstream: {retries: 0}\n"))
         await proxy.start("--workers", "2")
         try:
-            await proxy.wait_for(lambda: len(proxy.workers) == 2)
+            await proxy.wait_for(lambda: len(proxy.workers) == 2 and bool(proxy.admin_url))
             clients = [asyncio.ensure_future(proxy.get("/bad")) for _ in range(16)]
             await asyncio.sleep(1.0)  # every client has asked by now: one worker waits on the lease
             go.set()
@@ -235,6 +240,12 @@ async def test_a_malformed_body_is_one_fetch_for_both_workers(tmp_path: Path, ap
             assert replies and set(told) <= {(502, went), (502, went.replace("; detail", "; collapsed; detail"))}
             assert told[(502, went)] == (0 if apart else 1), answers
             assert Counter(t for _, _, t in origin.targets())["/bad"] == 1, origin.targets()
+            # One fetch whose body broke off, so each worker's flight ended: the waiting worker's
+            # said "unreachable" (and the holder's too, when it broke in the head's read).
+            metrics = (await proxy.admin("GET", "/metrics")).body.decode()
+            flights = {s.labels["outcome"]: s.value for f in text_string_to_metric_families(metrics)
+                       if f.name == "cachegate_flights" for s in f.samples}
+            assert (flights["broke_off"], flights["unreachable"]) == (2, 0)
         finally:
             await proxy.stop()
 
