@@ -838,7 +838,8 @@ class Engine:
             raise
         if spool is not None and entry is not None:
             try:
-                await self._store_part(entry, spool, old)
+                if await self._store_part(entry, spool, old):
+                    self.metrics.fills.inc()  # a response stored, as a flight's ``Filled`` counts
             except Exception:
                 log.exception("storing a part of %s failed", entry.key)
                 self.metrics.storage_errors.labels("write").inc()
@@ -850,41 +851,40 @@ class Engine:
         log.debug("part of %s not stored (%s): %d bytes of body received, its Content-Range says %s",
                   spool.entry.url, reason, spool.size, spool.expected_length)
 
-    async def _store_part(self, entry: Entry, spool: BodySpool, old: Cached | None) -> None:
+    async def _store_part(self, entry: Entry, spool: BodySpool, old: Cached | None) -> bool:
         """Store a received part; combined with the one held for the same variant when RFC 9111
         §3.4 allows it (one strong validator) and both are small enough to hold in memory
         (memory_max_object): a complete result is stored as the 200 it adds up to. A part whose
         body disagrees with its Content-Range (the origin's own framing lets it through to the
         client) or that a purge covered meanwhile is stored neither alone nor combined: a short
-        body spliced in would shift every byte after it in a "complete" 200."""
+        body spliced in would shift every byte after it in a "complete" 200. Whether it was
+        stored (alone or combined)."""
         own = part_range(entry.response)
         if spool.doomed:
             spool.discard()
-            return
+            return False
         if not spool.complete or own is None or spool.size != own.length:
             # A chunked part (no Content-Length) whose body disagrees with its Content-Range: its
             # head said "stored" before its length was known (docs/caching.md).
             spool.discard()
             self._part_not_kept(spool, "LENGTH-MISMATCH")
-            return
+            return False
         if spool.size > self.storage.room(entry):
             # The disk shards' budget was lowered while it streamed (``Writer.finalize``).
             spool.discard()
             self.metrics.not_stored_because("TOO-LARGE", entry.url)
-            return
+            return False
         combine = decide_combine(old.entry.response, entry.response) if old is not None else None
         if old is None or not isinstance(combine, Combine) \
                 or combine.range.length > self.storage.memory.max_object:
-            await self.storage.commit(entry, spool)
-            return
+            return await self.storage.commit(entry, spool)
         new_body = spool.body_bytes()
         old_body = await self.open_body(old)
         old_range = part_range(old.entry.response)
         if new_body is None or not isinstance(old_body, bytes) or old_range is None \
                 or len(old_body) != old_range.length:
             close_body(old_body)
-            await self.storage.commit(entry, spool)
-            return
+            return await self.storage.commit(entry, spool)
         spool.discard()
         bodies = {id(entry.response): new_body, id(old.entry.response): old_body}
         lower, upper = bodies[id(combine.lower)], bodies[id(combine.upper)]
@@ -907,12 +907,13 @@ class Engine:
                 new, headers=(*fields, ("Content-Range", f"bytes {r.first}-{r.last}/{r.total}"))))
         out = self.storage.spool(combined, len(merged))
         await out.write(merged)
-        await self.storage.commit(combined, out)
+        stored = await self.storage.commit(combined, out)
         if combine.range.complete:
             # Something is stored under the key now, without a flight (whose end clears the
             # mark otherwise): its plain requests look again. Whatever the commit said, as a
             # fill's end does: the memory may hold it though the disk write failed.
             self.coalescer.forget_unlooked(combined.key)
+        return stored
 
     # -- going upstream --------------------------------------------------------------------
 

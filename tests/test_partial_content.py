@@ -75,6 +75,29 @@ async def test_parts_with_one_strong_etag_combine_into_the_complete_response(
     assert rep.ranges == ["bytes=0-4", "bytes=5-"]
 
 
+async def test_each_part_stored_is_a_fill_as_a_whole_response_stored_is(
+        origin: Origin, make_proxy: MakeProxy) -> None:
+    """A 206 stored (its Cache-Status says ``stored``, the next request for its range is a HIT)
+    is counted in cachegate_fills_total, alone or combined with a part held before: an
+    object stored is a fill, whatever its status (it moved no counter at all)."""
+    rep = Representation()
+    origin.route("/r", rep)
+    proxy = await make_proxy(config=NONE)
+    before = await scrape(proxy)
+    first = await proxy.get("/r", headers={"Range": "bytes=0-4"})
+    assert first.status == 206 and "stored" in first.headers["Cache-Status"].split("; ")
+    assert await get(proxy, "bytes=0-4") == (206, "HIT", "bytes 0-4/10", b"01234")
+    middle = await scrape(proxy)
+    assert value(middle, "cachegate_fills_total") - value(before, "cachegate_fills_total") == 1
+    await get(proxy, "bytes=5-")  # combined with the first: the complete response is stored
+    await asyncio.sleep(0.1)  # (stored as the client's answer ends)
+    assert await get(proxy) == (200, "HIT", None, BODY)
+    after = await scrape(proxy)
+    assert value(after, "cachegate_fills_total") - value(before, "cachegate_fills_total") == 2
+    assert value(after, "cachegate_flights_total", outcome="filled") \
+        == value(before, "cachegate_flights_total", outcome="filled")  # no flight: no flight counted
+
+
 async def test_parts_combined_under_a_hit_for_pass_key_are_served_by_the_general_path_too(
         origin: Origin, make_proxy: MakeProxy) -> None:
     """The key was passed as private by a request that found nothing stored (hit-for-pass: its
@@ -389,6 +412,7 @@ async def test_a_chunked_part_whose_body_disagrees_with_its_content_range_is_cou
     after = await scrape(proxy)
     assert value(after, "cachegate_not_stored_total", reason="LENGTH-MISMATCH") \
         - value(before, "cachegate_not_stored_total", reason="LENGTH-MISMATCH") == 1
+    assert value(after, "cachegate_fills_total") == value(before, "cachegate_fills_total")
     said = [r.getMessage() for r in caplog.records if "not stored" in r.getMessage()]
     assert len(said) == 1 and "/c" in said[0] and "LENGTH-MISMATCH" in said[0], said
     again = await proxy.get("/c", headers={"Range": "bytes=0-99"})
