@@ -68,6 +68,8 @@ from proxy.policy.request import (
     parse_url,
 )
 from proxy.policy.reuse import (
+    CLIENT_NO_CACHE,
+    NO_VALIDATOR,
     FetchPart,
     FetchWhole,
     Forward,
@@ -79,6 +81,7 @@ from proxy.policy.reuse import (
     decide_part_lookup,
     select_variant,
 )
+from proxy.policy.spellings import spelled_otherwise
 from proxy.policy.storability import response_cache_control, too_large
 from proxy.rules import CACHED_METHODS, HeaderEdits, RequestPlan, Rule, RuleSet, StorePlan, lowered_path
 
@@ -1096,10 +1099,8 @@ def _now_decision(rules: RuleSet, head: RequestHead, plan: RequestPlan, key: str
             elif decision.fwd == "vary-miss":
                 why = (f"{len(variants)} variant(s) stored, none matches the request's Vary fields ("
                        f"{_vary_mismatch(head, variants)})")
-            elif decision.fwd == "request":
-                why = "the client asked for a fresh response and the stored one has no validator"
             else:
-                why = "the stored response is stale and has no validator: a full fetch"
+                why = _full_fetch_why(head, variants, decision)
             if decision.stale_index is not None:
                 why += "; if the origin fails, the stored response is served (stale-if-error)"
             spec = request_range(head.headers) if head.method == "GET" else None
@@ -1125,6 +1126,27 @@ def _now_decision(rules: RuleSet, head: RequestHead, plan: RequestPlan, key: str
                     "why": "the client sent only-if-cached and nothing usable is stored"}
         case _:
             assert_never(decision)
+
+
+def _full_fetch_why(head: RequestHead, variants: Sequence[StoredVariant], decision: Forward) -> str:
+    """Why a stored response that matches the request is fetched in full, not revalidated
+    (``Forward.full_fetch``, the policy's own reason)."""
+    if decision.fwd == "request":
+        asked = "the client asked for a fresh response (Cache-Control no-cache/max-age/min-fresh)"
+    else:
+        asked = "the stored response is stale"
+    if decision.full_fetch == CLIENT_NO_CACHE:
+        return ("the client sent no-cache (Cache-Control, or Pragma without it), and client_cache_control "
+                "is honor (the default): a full fetch, whatever validators are stored "
+                "(client_cache_control: revalidate sends them: a 304 keeps the stored response)")
+    if decision.full_fetch == NO_VALIDATOR:
+        return f"{asked} and it has no validator (ETag, Last-Modified): a full fetch"
+    index = select_variant(head, [v.response for v in variants])
+    assert index is not None  # (a stale or refused variant matched: not a miss)
+    named = spelled_otherwise([n for n, _ in variants[index].response.vary], head.headers)
+    return (f"{asked}; the request also sends {named} under another spelling, which the origin may "
+            "read as another value: its 304 would not vouch for the stored variant, so a full fetch "
+            f"(its answer is not stored: AMBIGUOUS-HEADER:{named})")
 
 
 def _part_json(v: StoredVariant, index: int, now: float) -> dict[str, Any]:

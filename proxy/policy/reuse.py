@@ -7,7 +7,8 @@
 - ``Revalidate``: send a conditional request first (§4.3); ``stale_prohibited``
   says the stored response may never be served stale, so an unreachable origin
   means 504 (§5.2.2.2);
-- ``Forward``: go to the origin, with ``fwd`` naming why (RFC 9211 vocabulary);
+- ``Forward``: go to the origin, with ``fwd`` naming why (RFC 9211 vocabulary), and
+  ``full_fetch`` why a stored response that matches is not revalidated instead;
 - ``OnlyIfCachedMiss``: the client sent ``only-if-cached`` and nothing usable is
   stored: answer 504 (§5.2.1.7), unless a stored part answers its range.
 
@@ -74,12 +75,23 @@ class Revalidate:
     stale_prohibited: bool = False  # must-revalidate & co: an unreachable origin means 504
 
 
+# Why a stored response that matches the request is fetched in full rather than revalidated
+# (``Forward.full_fetch``, for ``fwd`` "request" and "stale"): the client's no-cache under
+# ``client_cache_control: honor`` (the default: a forced reload goes to the origin whole); the
+# stored response has no validator to send; the request spells a field the variant was selected
+# by otherwise too (``vouches``).
+CLIENT_NO_CACHE = "client-no-cache"
+NO_VALIDATOR = "no-validator"
+SPELLED_OTHERWISE = "spelled-otherwise"
+
+
 @dataclass(frozen=True, slots=True)
 class Forward:
     fwd: str  # uri-miss, vary-miss, method, request, stale, bypass
     stale_index: int | None = None  # a stored response usable under stale-if-error
     detail: str = ""
     stale_prohibited: bool = False  # must-revalidate & co: an unreachable origin means 504
+    full_fetch: str = ""  # CLIENT_NO_CACHE, NO_VALIDATOR or SPELLED_OTHERWISE; "" for a miss
 
 
 URI_MISS = Forward("uri-miss")  # (frozen: one for every plain miss)
@@ -223,9 +235,10 @@ def decide_lookup_in_full(
         if "no-cache" in req_cc:
             if only_if_cached:
                 return OnlyIfCachedMiss()
-            if mode == "revalidate" and validator and vouches(request, stored):
+            why = unconditional(request, stored, validator) if mode == "revalidate" else CLIENT_NO_CACHE
+            if not why:
                 return Revalidate(index, "request", stale_if_error=False)
-            return Forward("request")
+            return Forward("request", full_fetch=why)
         max_age = req_cc.delta("max-age")
         min_fresh = req_cc.delta("min-fresh")
         if fresh_info.immutable and not stale:
@@ -235,9 +248,10 @@ def decide_lookup_in_full(
         if (max_age is not None and age > max_age) or (min_fresh is not None and ttl < min_fresh):
             if only_if_cached:
                 return OnlyIfCachedMiss()
-            if validator and vouches(request, stored):
+            why = unconditional(request, stored, validator)
+            if not why:
                 return Revalidate(index, "request", stale_if_error=False)
-            return Forward("request")
+            return Forward("request", full_fetch=why)
 
     if not stale and not fresh_info.no_cache:
         return serve("HIT")
@@ -260,10 +274,19 @@ def decide_lookup_in_full(
     stale_if_error = may_serve_stale and (
         _within(-ttl, fresh_info.stale_if_error) or _request_allows_stale_on_error(req_cc, -ttl)
     )
-    if validator and vouches(request, stored):
+    why = unconditional(request, stored, validator)
+    if not why:
         return Revalidate(index, "stale", stale_if_error, stale_prohibited=not fresh_info.may_serve_stale())
     return Forward("stale", stale_index=index if stale_if_error else None,
-                   stale_prohibited=not fresh_info.may_serve_stale())
+                   stale_prohibited=not fresh_info.may_serve_stale(), full_fetch=why)
+
+
+def unconditional(request: RequestHead, stored: StoredResponse, validator: bool) -> str:
+    """Why ``stored`` (``validator``: it has one) cannot be revalidated by this request, which
+    fetches it in full instead: NO_VALIDATOR, SPELLED_OTHERWISE (``vouches``); "" when it can."""
+    if not validator:
+        return NO_VALIDATOR
+    return "" if vouches(request, stored) else SPELLED_OTHERWISE
 
 
 def vouches(request: RequestHead, stored: StoredResponse) -> bool:

@@ -114,6 +114,39 @@ async def test_a_stale_entry_with_a_validator_is_revalidated(origin: Origin, rul
     assert decision["x_cache_status"] == "REVALIDATED"
 
 
+async def test_a_full_fetch_of_a_stored_response_says_why_it_is_not_a_revalidation(
+        origin: Origin, ruled: Proxy) -> None:
+    """A client's no-cache on a response stored with an ETag is a full fetch because
+    client_cache_control is honor (the default), not for want of a validator, which it has (that
+    was the reason given for every such full fetch); with none, or a field spelled otherwise,
+    the reason is that one. What the origin is then sent agrees."""
+    origin.route("/tagged", body=b"t", headers={"Cache-Control": "max-age=60", "ETag": '"t1"'})
+    origin.route("/bare", body=b"b", headers={"Cache-Control": "max-age=60"})
+    origin.route("/tenant", body=b"v", headers={"Cache-Control": "max-age=60", "ETag": '"v1"', "Vary": "X-Tenant"})
+    await ruled.get("/tagged")
+    await ruled.get("/bare")
+    await ruled.get("/tenant", headers={"X-Tenant": "acme"})
+    await settle(ruled)
+
+    reload = (await explain(ruled, "/tagged", headers={"Cache-Control": "no-cache"}))["decision"]
+    assert (reload["action"], reload["fwd"]) == ("forward", "request")
+    assert "client_cache_control is honor" in reload["why"] and "no validator" not in reload["why"], reload
+    before = len(origin.seen)
+    assert (await ruled.get("/tagged", headers={"Cache-Control": "no-cache"})).x_cache == "MISS"
+    assert [s.headers.get("If-None-Match") for s in origin.seen[before:]] == [None]  # unconditional
+
+    assert (await explain(ruled, "/tagged", headers={"Cache-Control": "max-age=0"}))["decision"]["action"] \
+        == "revalidate"
+    bare = (await explain(ruled, "/bare", headers={"Cache-Control": "max-age=0"}))["decision"]
+    assert (bare["action"], bare["fwd"]) == ("forward", "request")
+    assert "it has no validator" in bare["why"], bare
+
+    spelled = (await explain(ruled, "/tenant", headers={"Cache-Control": "max-age=0", "X-Tenant": "acme",
+                                                        "X_Tenant": "evil"}))["decision"]
+    assert (spelled["action"], spelled["fwd"]) == ("forward", "request")
+    assert "x-tenant under another spelling" in spelled["why"] and "no validator" not in spelled["why"], spelled
+
+
 async def test_a_vary_miss_names_the_header_that_differs(origin: Origin, ruled: Proxy) -> None:
     origin.route("/v", body=b"v", headers={"Cache-Control": "max-age=60", "Vary": "Accept-Language"})
     await ruled.get("/v", headers={"Accept-Language": "de"})

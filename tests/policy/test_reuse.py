@@ -12,6 +12,9 @@ import pytest
 from proxy.policy.messages import CacheOptions, RequestHead, StoredResponse
 from proxy.policy.ranges import request_range
 from proxy.policy.reuse import (
+    CLIENT_NO_CACHE,
+    NO_VALIDATOR,
+    SPELLED_OTHERWISE,
     Forward,
     FromPart,
     LookupDecision,
@@ -237,7 +240,31 @@ def test_a_no_cache_turned_into_a_revalidation_is_not_one_for_a_field_spelled_ot
     clean = request(("X-Tenant", "acme"), ("Cache-Control", "no-cache"))
     spelled = request(("X-Tenant", "acme"), ("X_Tenant", "evil"), ("Cache-Control", "no-cache"))
     assert kind(decide_lookup(clean, [s], T0 + 1, options)) == "revalidate request"
-    assert kind(decide_lookup(spelled, [s], T0 + 1, options)) == "forward request"
+    assert decide_lookup(spelled, [s], T0 + 1, options) == Forward("request", full_fetch=SPELLED_OTHERWISE)
+
+
+# (case, response fields, seconds after storing, request fields, client_cache_control, why):
+# a stored response that matches, fetched in full rather than revalidated.
+FULL_FETCHES: list[tuple[str, Pairs, float, Pairs, str, str]] = [
+    ("a client no-cache under honor, though it has a validator", [("Cache-Control", "max-age=60"), ETAG], 1,
+     [("Cache-Control", "no-cache")], "honor", CLIENT_NO_CACHE),
+    ("Pragma: no-cache under honor", [("Cache-Control", "max-age=60"), ETAG], 1, [("Pragma", "no-cache")],
+     "honor", CLIENT_NO_CACHE),
+    ("a client no-cache under revalidate, no validator", [("Cache-Control", "max-age=60")], 1,
+     [("Cache-Control", "no-cache")], "revalidate", NO_VALIDATOR),
+    ("a client max-age=0, no validator", [("Cache-Control", "max-age=60")], 1, [("Cache-Control", "max-age=0")],
+     "honor", NO_VALIDATOR),
+    ("stale, no validator", [("Cache-Control", "max-age=60")], 61, [], "honor", NO_VALIDATOR),
+]
+
+
+@pytest.mark.parametrize(("case", "response", "after", "req", "mode", "why"), FULL_FETCHES,
+                         ids=[c[0] for c in FULL_FETCHES])
+def test_a_full_fetch_of_a_stored_response_says_why_it_is_not_a_revalidation(
+        case: str, response: Pairs, after: float, req: Pairs, mode: str, why: str) -> None:
+    options = CacheOptions(client_cache_control=mode)  # type: ignore[arg-type]
+    d = lookup(response, after, *req, options=options)
+    assert isinstance(d, Forward) and d.full_fetch == why
 
 
 MODES = [
