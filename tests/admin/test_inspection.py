@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
+from proxy.inspection import DISK_COUNT_MAX_AGE
 from proxy.metrics import RequestWindow
 from proxy.settings import SHARD_FLOOR
+from tests.admin.test_metrics import scrape, value
 from tests.admin.util import absolute, inspector, js, settle
 from tests.conftest import MakeProxy
 from tests.harness import Origin, Proxy
@@ -55,6 +58,37 @@ async def test_a_body_too_big_for_memory_is_served_from_disk(origin: Origin, pro
     await settle(proxy)
     [variant] = await cache_of(proxy, "/big")
     assert (variant["tier"], variant["body_in_memory"], variant["size"]) == ("disk", False, 10_000)
+
+
+async def test_the_disk_entries_gauge_is_a_count_reused_while_the_bytes_are_read_at_each_scrape(
+        origin: Origin, proxy: Proxy) -> None:
+    """cachegate_cache_entries{tier="disk"} is the index's count, reused for DISK_COUNT_MAX_AGE
+    (a COUNT(*) per scrape costs in proportion to the entries), while the bytes beside it are
+    read at each scrape (the docs say how old it may be: the test below)."""
+    for path in ("/first", "/second"):
+        origin.route(path, body=b"d" * 4096, headers={"Cache-Control": "max-age=600"})  # over 2KB: disk
+    await proxy.get("/first")
+    await settle(proxy)
+    before = await scrape(proxy)
+    await proxy.get("/second")
+    await settle(proxy)
+    after = await scrape(proxy)
+    disk = {"tier": "disk"}
+    assert value(after, "cachegate_cache_bytes", **disk) > value(before, "cachegate_cache_bytes", **disk)
+    assert value(after, "cachegate_cache_entries", **disk) == value(before, "cachegate_cache_entries", **disk) == 1
+
+
+@pytest.mark.parametrize(("name", "anchor"), [
+    ("admin-api.md", "| `cachegate_cache_entries`"), ("admin-api.md", "`tiers.disk.entries`"),
+    ("console.md", "| Memory, Disk |"),
+])
+def test_the_docs_say_how_old_the_disk_entries_may_be(name: str, anchor: str) -> None:
+    """Where /metrics, /stats and the console's disk entries are described (a table's row, or
+    the paragraph)."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / name).read_text()
+    said = text[text.index(anchor):].split("\n" if anchor.startswith("|") else "\n\n")[0]
+    age = f"{DISK_COUNT_MAX_AGE:g} s"
+    assert f"up to {age} older" in said or f"at most {age} ago" in said, said
 
 
 async def test_cache_of_something_not_stored_is_empty_and_bad_requests_get_400(origin: Origin, proxy: Proxy) -> None:
