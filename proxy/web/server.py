@@ -580,13 +580,17 @@ def _listener_shape(s: Settings) -> tuple[tuple[str, int, bool], ...]:
 
 
 RELOAD_HOLD = "CACHEGATE_RELOAD_HOLD"
+START_HOLD = "CACHEGATE_START_HOLD"
 
 
-def _hold_for_tests() -> None:
+def _hold_for_tests(variable: str = RELOAD_HOLD) -> None:
     """For tests, as CACHEGATE_READY_TIMEOUT: with ``CACHEGATE_RELOAD_HOLD`` set to a directory,
     a reload's compiling thread writes ``<pid>.held`` there and waits until the file is removed,
-    so that a test sees what a process does while a reload compiles, however fast the machine."""
-    where = os.environ.get(RELOAD_HOLD)
+    so that a test sees what a process does while a reload compiles, however fast the machine;
+    with ``CACHEGATE_START_HOLD`` set to a directory that exists, a worker does the same in its
+    start, once its store and its control channel are open (its event loop held: it reads no
+    call of its supervisor meanwhile), as one slow to start."""
+    where = os.environ.get(variable)
     if not where:
         return
     marker = os.path.join(where, f"{os.getpid()}.held")
@@ -870,6 +874,7 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
     if worker is not None:
         channel = await _connect_supervisor(runtime, worker, reloader, stop)
         attach_shared(runtime)  # cluster mode's shared tier (the supervisor runs the bus)
+        _hold_for_tests(START_HOLD)
     try:
         if worker is None:
             admin_runner = await start_admin_listener(runtime, settings)
