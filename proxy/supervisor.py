@@ -27,11 +27,14 @@ clients. It
   (``workers_health``);
 - owns the cache directory's upkeep and runs the admin API;
 - purges for everyone: the shared half once on the disk tier (deletes and bans),
-  then ``purge_local`` in every worker, and answers only when every worker has
-  acknowledged. A worker that cannot acknowledge in time is killed (SIGKILL) and
-  restarted with an empty memory tier, so no worker can serve a purged object
-  after the purge answered. A PURGE or an invalidation that arises in a worker is
-  forwarded here (the worker's ``Runtime.purge`` calls ``purge``) and done the same way;
+  then ``purge_local`` in every worker, and answers only when every worker whose
+  listeners may accept has acknowledged. A worker that cannot acknowledge in time is
+  killed (SIGKILL) and restarted with an empty memory tier, so no worker can serve a
+  purged object after the purge answered. A worker still starting is sent the purge
+  but not waited for: its ``listen`` call, just before its listeners open, is answered
+  only once it has acknowledged every purge sent to it before (``_purge_starting``).
+  A PURGE or an invalidation that arises in a worker is forwarded here (the worker's
+  ``Runtime.purge`` calls ``purge``) and done the same way;
 - on SIGTERM/SIGINT stops the workers with SIGTERM (each drains within
   ``shutdown_grace``), then exits 0, or 1 when a worker died during the drain (killed, or
   it crashed: its requests in flight were cut off); on SIGHUP re-reads the config and has
@@ -169,6 +172,11 @@ class Worker:
     # The signal a process of it said stops it, one the supervisor did not send (``kill -TERM``
     # by an operator or a tool): (pid, signal name), for what its exit is said as (``_exited``).
     stopped_by: tuple[int, str] | None = None
+    # Whether its process may accept connections: set by its ``listen`` call, just before its
+    # listeners open; a purge waits for its acknowledgement from then on. Before, the purges
+    # sent to it are not waited for (``starting_purges``: ``Supervisor._purge_starting``).
+    listening: bool = False
+    starting_purges: set[asyncio.Task[int]] = field(default_factory=set)
 
     def health(self) -> WorkerHealth:
         process = self.process
@@ -657,6 +665,8 @@ class Supervisor:
             args.append("--no-uvloop")
         args += ["--log-level", logging.getLevelName(logging.getLogger().level).lower()]
         w.ready.clear()
+        w.listening = False
+        w.starting_purges = set()
         w.oom_seen = cgroup_oom_kills()  # (before it runs: no kill counted yet can be its own)
         try:
             w.process = await asyncio.create_subprocess_exec(
@@ -723,6 +733,12 @@ class Supervisor:
             say(f"cachegate: worker {worker_id} ready (pid {pid})", event="worker_ready",
                 worker_id=worker_id, pid=pid)
 
+        async def listen(worker_id: int, pid: int) -> None:
+            # Its listeners open once this is answered: from now on a purge waits for it, and
+            # the purges sent while it started are applied first (``_purge_starting``).
+            w.listening = True
+            await asyncio.gather(*w.starting_purges, return_exceptions=True)
+
         async def purge(spec: dict[str, Any]) -> dict[str, Any]:
             return (await self.purge(PurgeSpec.from_json(spec))).to_json()
 
@@ -731,7 +747,7 @@ class Supervisor:
 
         calls: dict[str, Any] = {
             name: functools.partial(fn, worker_id=w.worker_id) for name, fn in self.worker_calls.items()}
-        calls.update({"ready": ready, "purge": purge, "stopped_by": stopped_by})
+        calls.update({"ready": ready, "listen": listen, "purge": purge, "stopped_by": stopped_by})
         return calls
 
     def _tell_node(self, channel: Channel) -> None:
@@ -1068,7 +1084,8 @@ class Supervisor:
         return PurgeOutcome(await self.purge_here(spec))
 
     async def purge_here(self, spec: PurgeSpec) -> int:
-        """Purge the shared disk tier once, then every worker's memory; answer when all acked."""
+        """Purge the shared disk tier once, then every worker's memory; answer when every worker
+        whose listeners may accept acked (one still starting applies it before they do)."""
         runtime = self.runtime
         assert runtime is not None
         # Write-behind waits for the whole purge: what a worker finds covered in the shared
@@ -1079,8 +1096,11 @@ class Supervisor:
             args = {"match": match_to_json(match), "bans": [b.to_json() for b in bans]}
             live = [w for w in self.workers if w.channel is not None and w.process is not None
                     and w.process.returncode is None]
+            for w in live:
+                if not w.listening:
+                    self._purge_starting(w, args)
             results = await asyncio.gather(
-                *(self._purge_worker(w, args) for w in live), return_exceptions=True)
+                *(self._purge_worker(w, args) for w in live if w.listening), return_exceptions=True)
         # Each object counts once: the disk tier and the shared memory may each hold it, and
         # a worker's half counts what reached memory after the shared half's pass over it.
         local = max((r for r in results if isinstance(r, int)), default=0)
@@ -1088,11 +1108,29 @@ class Supervisor:
         runtime.count_purge(spec, total)
         return total
 
-    async def _purge_worker(self, w: Worker, args: dict[str, Any]) -> int:
+    def _purge_starting(self, w: Worker, args: dict[str, Any]) -> None:
+        """A purge sent to a worker still starting (restarted after a crash, say), not waited for:
+        its listeners do not accept yet, and open only once its ``listen`` call is answered,
+        which waits for this acknowledgement (``_handlers``). Until then it holds nothing the
+        purge covers but its ban list, read from the index as it opened its store, maybe before
+        the purge's bans: the bans come with the purge. No time limit either: it serves nobody
+        meanwhile, and one that never gets ready is killed at ``ready_timeout``.
+
+        Why: the purge waited for its start (0.7-2.4 s measured; up to the 10 s limit, then it was
+        killed), and in cluster mode past ``cluster.ack_timeout``: one worker's crash anywhere
+        made every purge of the cluster answer 202 for seconds."""
+        task = asyncio.ensure_future(self._purge_worker(w, args, wait=None))
+        w.starting_purges.add(task)
+        task.add_done_callback(w.starting_purges.discard)
+        self._tasks.add(task)  # (cancelled by the stop)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _purge_worker(self, w: Worker, args: dict[str, Any],
+                            wait: float | None = PURGE_ACK_TIMEOUT) -> int:
         channel, process = w.channel, w.process
         assert channel is not None and process is not None
         try:
-            return int(await channel.call("purge_local", wait=PURGE_ACK_TIMEOUT, **args))
+            return int(await channel.call("purge_local", wait=wait, **args))
         except ChannelClosed:
             return 0  # it died: it comes back with an empty memory tier
         except Exception as exc:

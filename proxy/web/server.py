@@ -875,6 +875,10 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
         channel = await _connect_supervisor(runtime, worker, reloader, stop)
         attach_shared(runtime)  # cluster mode's shared tier (the supervisor runs the bus)
         _hold_for_tests(START_HOLD)
+        if not await _may_listen(channel, worker.worker_id):
+            await channel.close()
+            await runtime.close()
+            return 0
     try:
         if worker is None:
             admin_runner = await start_admin_listener(runtime, settings)
@@ -957,6 +961,19 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
     if worker is None:
         say("cachegate: stopped", event="stopped")
     return 0
+
+
+async def _may_listen(channel: Channel, worker_id: int) -> bool:
+    """Ask the supervisor before this worker's listeners open (its ``listen`` call). The purges
+    made while it started were answered without waiting for it (``Supervisor._purge_starting``);
+    the answer comes once it has acknowledged each of them (applied: its ban list, the shared
+    memory), so nothing it serves is older than a purge that answered; later purges wait for
+    it. False: the supervisor is gone (the worker stops, as ``watch_supervisor`` says)."""
+    try:
+        await channel.call("listen", worker_id=worker_id, pid=os.getpid())
+    except ChannelClosed:
+        return False
+    return True
 
 
 async def _tell_stopped_by(channel: Channel, name: str) -> None:

@@ -20,7 +20,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import Origin
-from tests.storage.procs import HOST, ProxyProcess, Response, write_config
+from tests.storage.procs import HOST, ProxyProcess, Response, on_disk, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -52,16 +52,6 @@ async def purge_method(proxy: ProxyProcess, path: str, headers: dict[str, str] |
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s, \
             s.request("PURGE", proxy.url + path, headers={"Host": HOST, **(headers or {})}) as r:
         return Response(r.status, r.headers, await r.read())
-
-
-async def on_disk(proxy: ProxyProcess, url: str) -> None:
-    """Until the disk tier has ``url`` (the supervisor writes fills behind them)."""
-    for _ in range(100):
-        variants = json.loads((await proxy.admin("GET", f"/cache?url={quote(url)}")).body)["variants"]
-        if variants and "disk" in variants[0]["tiers"]:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{url} never reached the disk")
 
 
 def samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

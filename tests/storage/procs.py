@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -16,6 +17,7 @@ import textwrap
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
@@ -192,6 +194,25 @@ class ProxyProcess:
         if self._reader is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._reader, 5)
+
+
+async def on_disk(proxy: ProxyProcess, url: str) -> None:
+    """Until the disk tier has ``url`` (the supervisor writes fills behind them)."""
+    for _ in range(100):
+        variants = json.loads((await proxy.admin("GET", f"/cache?url={quote(url)}")).body)["variants"]
+        if variants and "disk" in variants[0]["tiers"]:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{url} never reached the disk")
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie, exited but not reaped yet, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def write_config(directory: str, origin_url: str, cache: str, extra: str = "",

@@ -22,7 +22,7 @@ from aiohttp import web
 from proxy.codeid import identity
 from proxy.config import Overrides
 from tests.harness import Origin
-from tests.storage.procs import ProxyProcess, Response, write_config
+from tests.storage.procs import ProxyProcess, Response, alive, write_config
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -258,15 +258,6 @@ async def test_a_worker_that_hangs_before_it_is_ready_is_killed_and_restarted(
         assert await proxy.stop() == 0
 
 
-def _alive(pid: int) -> bool:
-    """Running (a zombie, exited but not reaped yet, counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 async def test_a_stopped_worker_does_not_outlive_its_killed_supervisor(origin: Origin, tmp_path: Path) -> None:
     """SIGKILL of the supervisor: a worker that cannot notice its control channel closing (stopped,
     or its loop stuck) is killed by the kernel (it kept the port, answering nobody)."""
@@ -278,7 +269,7 @@ async def test_a_stopped_worker_does_not_outlive_its_killed_supervisor(origin: O
         os.kill(pids[0], signal.SIGSTOP)
         assert proxy.process is not None
         proxy.process.kill()  # (its wait() would wait for the stopped worker: it has the pipe too)
-        await _until(lambda: not any(_alive(p) for p in (proxy.process.pid, *pids)), 0.05)
+        await _until(lambda: not any(alive(p) for p in (proxy.process.pid, *pids)), 0.05)
     finally:
         await proxy.kill()
 
@@ -411,7 +402,7 @@ async def test_the_config_copy_a_killed_supervisor_left_is_removed_by_the_next_o
         assert len(left) == 1
         assert first.process is not None
         first.process.kill()
-        await _until(lambda: not any(_alive(p) for p in (first.process.pid, *pids)), 0.05)  # type: ignore[union-attr]
+        await _until(lambda: not any(alive(p) for p in (first.process.pid, *pids)), 0.05)  # type: ignore[union-attr]
     finally:
         await first.kill()
     assert copies() == left

@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 
 from tests.harness import Origin
-from tests.storage.procs import HOST, ProxyProcess, Response, write_config
+from tests.storage.procs import HOST, ProxyProcess, Response, alive, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -246,21 +246,13 @@ async def test_workers_stop_by_themselves_when_the_supervisor_is_killed(
     proxy.process.kill()  # SIGKILL: no chance to stop the workers
     await proxy.process.wait()
     for _ in range(200):  # they notice the control channel closing and drain (grace 2 s)
-        alive = [p for p in pids if _alive(p)]
-        if not alive:
+        left = [p for p in pids if alive(p)]
+        if not left:
             break
         await asyncio.sleep(0.05)
-    assert not alive, "workers outlived their supervisor"
+    assert not left, "workers outlived their supervisor"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (exited, not yet reaped by init) counts as gone.
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(")")[-1].split()[0] != "Z"
 
 
 async def test_sigint_to_the_supervisor_stops_every_worker_and_exits_0(
@@ -271,7 +263,7 @@ async def test_sigint_to_the_supervisor_stops_every_worker_and_exits_0(
     pids = list(proxy.workers.values())
     assert await proxy.stop(signal.SIGINT) == 0
     assert "cachegate: stopped" in proxy.lines
-    assert not [p for p in pids if _alive(p)]
+    assert not [p for p in pids if alive(p)]
 
 
 async def test_what_one_worker_stored_the_other_serves_from_memory_without_a_miss(
