@@ -32,7 +32,6 @@ from proxy.metrics import ClusterMetrics, RequestWindow, Snapshot, hit_ratio, me
 from proxy.policy.keys import normalise_host, shown_vary, url_of_key
 from proxy.purge import host_matches
 from proxy.runtime import Runtime
-from proxy.storage.bans import Prefixes
 from proxy.storage.entry import Entry, entry_from_json, entry_to_json
 from proxy.storage.failures import merge_snapshots
 from proxy.storage.tiered import Storage
@@ -97,28 +96,24 @@ class Copy:
 # -- one process's half ----------------------------------------------------------------------
 
 
-def memory_copies(runtime: Runtime, urls: Iterable[str], keys: Iterable[str]) -> list[Copy]:
-    """The variants this process's memory tier holds for these URLs (every key shape) and keys."""
+def memory_copies(runtime: Runtime, keys: Iterable[str]) -> list[Copy]:
+    """The variants this process's memory tier holds under these keys (``Inspector.copies``
+    found them: a lookup each, never a pass over the shared memory)."""
     memory = runtime.storage.memory
-    found = {k for k in keys if k in memory}
-    found.update(memory.keys_for_urls(urls))
     out: list[Copy] = []
-    for key in sorted(found):
+    for key in sorted(set(keys)):
         variants = memory.peek(key) or ()
         hits = memory.hits(key)
         out.extend(Copy(c.entry, "memory", runtime.worker_id, hits, c.body is not None) for c in variants)
     return out
 
 
-def disk_copies(storage: Storage, urls: Iterable[str], keys: Iterable[str]) -> list[Copy]:
-    """The variants on disk for these URLs and keys, as a reader sees them (bans applied). Blocking."""
+def disk_copies(storage: Storage, keys: Iterable[str]) -> list[Copy]:
+    """The variants on disk under these keys, as a reader sees them (bans applied). Blocking."""
     if storage.disk is None:
         return []
-    found = set(keys)
-    if storage.index is not None:
-        found.update(k for u in urls for k in storage.index.keys_for_url(u))
     out: list[Copy] = []
-    for key in sorted(found):
+    for key in sorted(set(keys)):
         out.extend(Copy(e, "disk") for e in storage.bans.apply(storage.disk.get_variants(key)))
     return out
 
@@ -140,15 +135,9 @@ def local_stats(runtime: Runtime, top: int = TOP_KEYS) -> dict[str, Any]:
 
 
 def known_hosts_local(runtime: Runtime, hosts: Iterable[str]) -> list[str]:
-    """Which of ``hosts`` this process has served or holds in memory."""
-    memory = runtime.storage.memory
-    out = []
-    for host in hosts:
-        if host in runtime.hosts_seen or memory.keys_with_prefixes(
-            Prefixes(f"{scheme}://{host}/" for scheme in ("http", "https"))
-        ):
-            out.append(host)
-    return out
+    """Which of ``hosts`` this process has served since start (the shared memory and the disk
+    are asked once, by ``Inspector.unknown_hosts``)."""
+    return [host for host in hosts if host in runtime.hosts_seen]
 
 
 def register_worker_calls(runtime: Runtime) -> None:
@@ -156,8 +145,8 @@ def register_worker_calls(runtime: Runtime) -> None:
     channel = runtime.control
     assert channel is not None
 
-    async def admin_copies(urls: list[str], keys: list[str]) -> list[dict[str, Any]]:
-        return [c.to_json() for c in memory_copies(runtime, urls, keys)]
+    async def admin_copies(keys: list[str]) -> list[dict[str, Any]]:
+        return [c.to_json() for c in memory_copies(runtime, keys)]
 
     async def admin_stats(top: int) -> dict[str, Any]:
         return local_stats(runtime, top)
@@ -220,19 +209,27 @@ class Inspector:
 
     # -- variants ------------------------------------------------------------------------------
 
-    async def copies(self, urls: Iterable[str], keys: Iterable[str] = ()) -> Found:
-        """Every stored copy of these URLs (all key shapes) and keys, in every tier and worker."""
+    async def copies(self, urls: Iterable[str], keys: Iterable[str] = (), exact: bool = False) -> Found:
+        """Every stored copy of these URLs (all key shapes) and keys, in every tier and worker.
+        ``exact``: no key of the URLs has header or cookie parts (``purge.url_key_shapes``).
+
+        The keys are found here, once (the index, and the shared memory: the machine's, the
+        same in every process), in slices (``Storage.url_keys``); each worker is asked for its
+        copies of those keys only. Why: each worker looked through the whole shared memory in
+        one go, and with 250,000 records there every worker's clients waited 1.5-3 s, and past
+        ``ANSWER_WAIT`` the answer named both workers unanswered and listed no memory copy."""
         runtime = self._runtime
-        urls, keys = sorted(set(urls)), sorted(set(keys))
+        storage = runtime.storage
+        urls = sorted(set(urls))
+        found = sorted({*keys, *urls, *await storage.url_keys(urls, exact)})
         unanswered: tuple[int, ...] = ()
         if self._call is None:
-            memory = memory_copies(runtime, urls, keys)
+            memory = memory_copies(runtime, found)
         else:
-            answers = await self._ask("admin_copies", urls=urls, keys=keys)
+            answers = await self._ask("admin_copies", keys=found)
             memory = [Copy.from_json(d) for a in answers.values for d in a]
             unanswered = answers.unanswered
-        storage = runtime.storage
-        disk = await storage.run(disk_copies, storage, urls, keys)
+        disk = await storage.run(disk_copies, storage, found)
         return Found(memory + disk, unanswered)
 
     # -- hosts ---------------------------------------------------------------------------------
@@ -256,13 +253,20 @@ class Inspector:
             for answer in await self._workers("admin_hosts", hosts=rest):
                 known.update(answer)
             rest = [h for h in rest if h not in known]
-        index = runtime.storage.index
+        storage = runtime.storage
+        index = storage.index
         if rest and index is not None:
             def stored(host: str) -> bool:
                 return any(index.keys_for_prefix(f"{s}://{host}/", limit=1) for s in ("http", "https"))
 
-            held = await runtime.storage.run(lambda: [h for h in rest if stored(h)])
-            rest = [h for h in rest if h not in held]
+            on_disk = await storage.run(lambda: [h for h in rest if stored(h)])
+            rest = [h for h in rest if h not in on_disk]
+        if rest:
+            # Last, as it may cost a pass over the shared memory (in slices): the machine's,
+            # asked once here, not by every process as each looked through all of it in one go
+            # (a host not seen since start held every worker's clients for a second).
+            in_memory = await storage.hosts_in_memory(rest)
+            rest = [h for h in rest if h not in in_memory]
         return rest
 
     async def known_hosts(self, limit: int = 20) -> list[str]:

@@ -399,10 +399,19 @@ def url_shapes(url: str, rules: RuleSet) -> set[str]:
     """Every URL part (``url_of_key``) the keys of ``url`` may have under the rules, whatever
     fields and cookies its requests carry (``RuleSet.key_shapes``): a purge by URL looks each up,
     so it finds the entries of a rule with a header condition too."""
+    return url_key_shapes(url, rules)[0]
+
+
+def url_key_shapes(url: str, rules: RuleSet) -> tuple[set[str], bool]:
+    """``url_shapes``, and whether they are the keys themselves: no key that could hold ``url``
+    adds header or cookie parts (then its keys are those and their parts' keys, and a lookup
+    needs no pass over the shared memory: ``MemoryTier.find_url_keys``'s ``exact``)."""
     parsed = URL(url, encoded=True)
     head = RequestHead("GET", parsed.scheme, normalise_host(parsed.raw_authority, parsed.scheme),
                        url_target(parsed, url), CIMultiDictProxy(CIMultiDict()))
-    return {keys_for_url(url, rules), *(url_of_key(cache_key(head, spec)) for spec in rules.key_shapes(head))}
+    specs = rules.key_shapes(head)
+    return ({keys_for_url(url, rules), *(url_of_key(cache_key(head, spec)) for spec in specs)},
+            not any(spec.headers or spec.cookies for spec in specs))
 
 
 class Purger:

@@ -53,7 +53,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.policy.keys import url_of_key
+from proxy.policy.keys import part_key, url_of_key
 from proxy.settings import MemoryPolicy, arena_capacity, decoded_budget, ring_body_limit
 from proxy.storage.arena import CHANGED, F_BODY, F_PERSISTED, Arena, Record
 from proxy.storage.bans import Prefixes
@@ -727,29 +727,64 @@ class MemoryTier:
         them (a pass per URL made a purge of thousands of URLs cost thousands of passes)."""
         return {k for k in self.find_url_keys(urls, scan) if k is not None}
 
-    def find_url_keys(self, urls: Iterable[str], scan: bool = True) -> Iterator[str | None]:
+    def find_url_keys(self, urls: Iterable[str], scan: bool = True, exact: bool = False
+                      ) -> Iterator[str | None]:
         """The keys of ``urls`` (every shape: header or cookie parts, a range's parts), found in
         one pass over the records: each item is a key found, or None for a record or URL looked
         at in vain, so that a caller may let the event loop run between items (a purge of 10,000
-        URLs). Without ``scan`` (the disk tier's index knows the persisted keys), the plain keys
-        are looked up one by one and only the records not yet written behind are looked through
-        for the other shapes."""
+        URLs, a ring of 250,000 records: ``purging.Turns.collect``). Without ``scan`` (the disk
+        tier's index knows the persisted keys), the plain keys are looked up one by one and only
+        the records not yet written behind are looked through for the other shapes. ``exact``:
+        the caller knows that no key of these URLs has header or cookie parts (no rule keys them
+        on fields or cookies): each URL and its parts' key are looked up, and nothing more (a
+        URL's lookup then costs its keys, not the ring)."""
         wanted = set(urls)
         if not wanted:
             return
+        if exact:
+            for url in wanted:
+                yield url if self.slot(url) is not None else None
+                yield part_key(url) if self.slot(part_key(url)) is not None else None
+            return
         if scan:
-            for r in self.arena.scan(skip=F_BODY):
-                yield r.key if r.key in wanted or url_of_key(r.key) in wanted else None
+            for r in self.arena.walk(skip=F_BODY):
+                yield r.key if r is not None and (r.key in wanted or url_of_key(r.key) in wanted) else None
             return
         for url in wanted:
             yield url if self.slot(url) is not None else None
-        for r in self.arena.scan(skip=F_PERSISTED | F_BODY):
-            url = url_of_key(r.key)
-            yield r.key if url != r.key and url in wanted else None
+        for r in self.arena.walk(skip=F_PERSISTED | F_BODY):
+            url = url_of_key(r.key) if r is not None else ""
+            yield r.key if r is not None and url != r.key and url in wanted else None
+
+    def find_hosts(self, hosts: Iterable[str], scan: bool = True) -> Iterator[str | None]:
+        """Which of ``hosts`` (``name[:port]``, as keys hold them) a key of the records names:
+        each host once, as found, or None for a record looked at in vain (as ``find_url_keys``).
+        The pass ends once every host is found. Without ``scan``, the records not yet written
+        behind only (the disk tier's index knows the others)."""
+        left = set(hosts)
+        if not left:
+            return
+        for r in self.arena.walk(skip=F_BODY if scan else F_PERSISTED | F_BODY):
+            host = key_host(r.key) if r is not None else None
+            if host is None or host not in left:
+                yield None
+                continue
+            left.discard(host)
+            yield host
+            if not left:
+                return
 
     def keys_with_prefixes(self, prefixes: Prefixes) -> list[str]:
         """The keys that start with any of ``prefixes``, in one pass over the records."""
         return [r.key for r in self.arena.scan(skip=F_BODY) if prefixes.matches(r.key)]
+
+
+def key_host(key: str) -> str | None:
+    """The ``host[:port]`` of an http(s) key (``https://a.example:8443/x`` -> ``a.example:8443``),
+    None for any other (``find_hosts``)."""
+    scheme, sep, rest = key.partition("://")
+    host, slash, _ = rest.partition("/")
+    return host if sep and slash and scheme in ("http", "https") else None
 
 
 __all__ = ["ALL_TO_WRITE", "PUT_TRIES", "Cached", "Heads", "MemoryPolicy", "MemoryTier", "Slot",

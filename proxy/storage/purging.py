@@ -84,6 +84,18 @@ class Turns:
         await asyncio.sleep(0)
         self._due = time.perf_counter() + SLICE_SECONDS
 
+    async def collect(self, found: Iterable[T | None]) -> list[T]:
+        """The items of ``found`` but the Nones (each a record or URL looked at in vain: a pass
+        over the shared memory such as ``MemoryTier.find_url_keys``), with a turn of the event
+        loop whenever one is due. The one way purges and inspection look through the memory."""
+        out: list[T] = []
+        for item in found:
+            if item is not None:
+                out.append(item)
+            if self.due():
+                await self.take()
+        return out
+
 
 class Purging:
     def __init__(self, tiers: Tiers, persister: Persister | None, body_files: OpenBodies) -> None:
@@ -103,27 +115,36 @@ class Purging:
     # -- which keys ----------------------------------------------------------------------------
 
     async def keys_for_urls(self, urls: Iterable[str]) -> set[str]:
-        """Every key of these URLs (all key shapes: header and cookie parts), in both tiers."""
+        """``url_keys`` for a purge: an index that cannot be read is the purge's 503
+        (``_unrecorded``)."""
+        try:
+            return await self.url_keys(urls)
+        except (sqlite3.Error, OSError) as exc:  # a full filesystem: the purge's 503
+            raise self._unrecorded(exc) from exc
+
+    async def url_keys(self, urls: Iterable[str], exact: bool = False) -> set[str]:
+        """Every key of these URLs (all key shapes: header and cookie parts), in both tiers.
+        ``exact``: no key of theirs has header or cookie parts (``MemoryTier.find_url_keys``).
+        Raises what reading the index raised (sqlite3.Error, OSError)."""
         t = self.t
         urls = list(urls)
         # The index knows every key shape of what reached the disk; memory is asked for the
         # plain keys (and, without an index that answers, looked through for the others).
-        # One pass over the memory for all of them, in slices (``Turns``).
+        # One pass over the memory for all of them, in slices (``Turns``): a pass over 250,000
+        # records held every worker's loop for 2-4 s when inspection made it in one go.
         found: list[str] = []
         if t.index is not None and urls:
             index = t.index
-            try:
-                found = await self._ask_index(lambda: [k for u in urls for k in index.keys_for_url(u)], [])
-            except (sqlite3.Error, OSError) as exc:  # a full filesystem: the purge's 503
-                raise self._unrecorded(exc) from exc
+            found = await self._ask_index(lambda: [k for u in urls for k in index.keys_for_url(u)], [])
         keys: set[str] = set(found)
-        turns = Turns()
-        for key in t.memory.find_url_keys(urls, scan=not self.index_answers):
-            if key is not None:
-                keys.add(key)
-            if turns.due():
-                await turns.take()
+        keys.update(await Turns().collect(t.memory.find_url_keys(urls, not self.index_answers, exact)))
         return keys
+
+    async def hosts_in_memory(self, hosts: Iterable[str]) -> set[str]:
+        """Which of ``hosts`` (``name[:port]``) a key in the shared memory names, in slices
+        (``Turns``), the pass ending once all are found. With an index that answers, only the
+        records not yet written to disk are looked at: ask the index first."""
+        return set(await Turns().collect(self.t.memory.find_hosts(hosts, scan=not self.index_answers)))
 
     @property
     def index_answers(self) -> bool:

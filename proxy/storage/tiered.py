@@ -298,6 +298,12 @@ class Storage:
     async def keys_for_urls(self, urls: Iterable[str]) -> set[str]:
         return await self.purges.keys_for_urls(urls)
 
+    async def url_keys(self, urls: Iterable[str], exact: bool = False) -> set[str]:
+        return await self.purges.url_keys(urls, exact)
+
+    async def hosts_in_memory(self, hosts: Iterable[str]) -> set[str]:
+        return await self.purges.hosts_in_memory(hosts)
+
     async def keys_for(self, urls: Iterable[str] = (), prefixes: Iterable[str] = (),
                        tags: Iterable[str] = (), memory_only: bool = False) -> set[str]:
         return await self.purges.keys_for(urls, prefixes, tags, memory_only)

@@ -81,7 +81,7 @@ from proxy.purge import (
     normalise_url,
     read_purge,
     url_host,
-    url_shapes,
+    url_key_shapes,
 )
 from proxy.runtime import Runtime
 from proxy.shown import shown
@@ -660,7 +660,8 @@ async def cache(request: web.Request) -> web.Response:
         raise BadRequest("give the URL: GET /cache?url=https://host/path")
     url = normalise_url(params["url"][0])
     await check_hosts(ctx, {url_host(url)})
-    found = await ctx.inspector.copies({url, *url_shapes(url, ctx.runtime.settings.rules)})
+    shapes, exact = url_key_shapes(url, ctx.runtime.settings.rules)
+    found = await ctx.inspector.copies({url, *shapes}, exact=exact)
     now = ctx.runtime.engine.clock()  # the clock the engine decides freshness with
     variants = [variant_view(entry, cs, now) for entry, cs in group_copies(found.copies)]
     body: dict[str, Any] = {"url": url, "variants": variants}

@@ -4,13 +4,12 @@ a proxy holding thousands of entries, answers plain hits meanwhile, and purges w
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import pytest
 
 from proxy.storage import purging
-from tests.admin.util import absolute, js, memory_passes, settle
+from tests.admin.util import absolute, js, loop_held, memory_passes, settle
 from tests.harness import Origin, Proxy
 
 
@@ -37,22 +36,8 @@ async def test_a_purge_of_many_prefixes_holds_the_event_loop_for_a_slice_at_a_ti
     paths = [f"/p/{i % 10}/{i}" for i in range(1000)] + ["/hot"]
     await fill(origin, proxy, paths)
     prefixes = [absolute(proxy, f"/nothing/{i}/") for i in range(20_000)] + [absolute(proxy, "/p/7/")]
-    gaps: list[float] = []
-    done = asyncio.Event()
-
-    async def probe() -> None:
-        last = time.thread_time()
-        while not done.is_set():
-            await asyncio.sleep(0.01)
-            now = time.thread_time()
-            gaps.append(now - last)
-            last = now
-
-    probing = asyncio.ensure_future(probe())
-    await asyncio.sleep(0.05)
-    reply = await proxy.admin("POST", "/purge", json={"prefixes": prefixes})
-    done.set()
-    await probing
+    async with loop_held() as gaps:
+        reply = await proxy.admin("POST", "/purge", json={"prefixes": prefixes})
     assert (reply.status, js(reply)["purged"]) == (200, 100), reply.body
     assert max(gaps) < 0.1, f"the loop was held for {max(gaps) * 1000:.0f} ms of CPU at a time"
     for path in ("/p/7/7", "/p/7/997"):

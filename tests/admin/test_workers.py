@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.storage.arena import F_PERSISTED, Arena
 from tests.harness import Origin
 from tests.storage.procs import HOST, ProxyProcess, Response, on_disk, write_config
 
@@ -148,6 +149,61 @@ async def test_cache_stats_and_explain_see_every_workers_memory_and_the_disk(
         assert trace["decision"]["x_cache_status"] == "HIT"
         unknown = await proxy.admin("GET", "/cache?url=" + quote("http://other.test/p"))
         assert unknown.status == 400
+    finally:
+        await proxy.stop()
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time a process has spent (user and system), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def shared_memory_of(pid: int) -> Arena:
+    """The arena (the shared memory) of the supervisor ``pid``, mapped here too."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:cachegate-arena"):
+                return Arena.attach(os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR))
+    raise AssertionError(f"process {pid} holds no arena")
+
+
+async def test_cache_of_a_url_in_a_full_shared_memory_costs_the_workers_a_lookup_not_a_pass(
+        origin: Origin, tmp_path: Path) -> None:
+    """Each worker answered ``GET /cache?url=`` by reading every record of the shared memory in
+    one go: with 250,000 records, 2.4-4.5 s with both workers' clients waiting, and past the
+    supervisor's 2 s wait the answer said "unanswered_workers": [0, 1] and listed no memory copy.
+    A host no client asked for since start cost each of them such a pass too. Now the supervisor
+    finds the keys (in slices) and asks each worker for those: with 120,000 records (copies of a
+    stored one, put straight into the shared memory), each worker spends under 0.1 s of CPU on
+    either call (a pass took 0.3 s of it), and the answer lists both workers' memory."""
+    for path in ("/template", "/n"):
+        origin.route(path, body=b"n", headers={"Cache-Control": "max-age=300"})
+    proxy = await start(origin, tmp_path, cache="cache: {memory: 128MB, disk: {path: cache, size: 256MB, shards: 2}}\n")
+    try:
+        await proxy.get("/template")
+        assert proxy.process is not None
+        arena = shared_memory_of(proxy.process.pid)
+        try:
+            template = arena.find(f"http://{HOST}/template")
+            assert template is not None
+            body = arena.body(template)
+            assert body is not None
+            for i in range(120_000):  # (flagged written to disk: the write-behind leaves them)
+                arena.put(f"http://{HOST}/crowd/{i}", template.meta, body, flags=F_PERSISTED)
+        finally:
+            arena.close()
+        await in_both_memories(proxy, "/n")
+        for call in (f"/cache?url={quote(f'http://{HOST}/n')}", "/cache?url=" + quote("http://other.test/p")):
+            before = {w: cpu_seconds(pid) for w, pid in proxy.workers.items()}
+            reply = await proxy.admin("GET", call)
+            spent = {w: cpu_seconds(pid) - before[w] for w, pid in proxy.workers.items()}
+            assert all(s < 0.1 for s in spent.values()), f"{call}: the workers spent {spent} s of CPU"
+        assert reply.status == 400  # (other.test: no client asked for it, nothing holds it)
+        cache = json.loads((await proxy.admin("GET", f"/cache?url={quote(f'http://{HOST}/n')}")).body)
+        assert "unanswered_workers" not in cache
+        [variant] = cache["variants"]
+        assert variant["memory_workers"] == [0, 1] and variant["body_in_memory"]
     finally:
         await proxy.stop()
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from proxy.inspection import Inspector
@@ -10,20 +14,47 @@ from proxy.web.admin import ADMIN
 from tests.harness import Proxy
 from tests.rules.util import settle
 
-__all__ = ["absolute", "inspector", "js", "memory_passes", "settle", "swept"]
+__all__ = ["absolute", "inspector", "js", "loop_held", "memory_passes", "settle", "swept"]
+
+
+@contextlib.asynccontextmanager
+async def loop_held() -> AsyncIterator[list[float]]:
+    """The CPU time the event loop's thread spends between two wakes of a probe that sleeps
+    10 ms at a time on it, from entry to exit (``max``: the longest the loop was held). Its CPU
+    time, not the clock's: a loaded machine stretches the clock's gaps (a full test run's made
+    257 ms of them), not the CPU the loop spent in one go."""
+    gaps: list[float] = []
+    done = asyncio.Event()
+
+    async def probe() -> None:
+        last = time.thread_time()
+        while not done.is_set():
+            await asyncio.sleep(0.01)
+            now = time.thread_time()
+            gaps.append(now - last)
+            last = now
+
+    probing = asyncio.ensure_future(probe())
+    await asyncio.sleep(0.05)
+    try:
+        yield gaps
+    finally:
+        done.set()
+        await probing
 
 
 def memory_passes(proxy: Proxy, monkeypatch: Any) -> list[int]:
     """Counts the passes over the proxy's shared memory from now on (``[n]``, kept up to date)."""
     arena = proxy.runtime.storage.memory.arena
     passes = [0]
-    scan = arena.scan
+    for name in ("scan", "walk"):
+        real = getattr(arena, name)
 
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        passes[0] += 1
-        return scan(*args, **kwargs)
+        def counted(*args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            passes[0] += 1
+            return _real(*args, **kwargs)
 
-    monkeypatch.setattr(arena, "scan", counted)
+        monkeypatch.setattr(arena, name, counted)
     return passes
 
 

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy.policy.keys import part_key
 from proxy.storage.arena import Arena, Record
 from proxy.storage.bans import Prefixes
 from proxy.storage.entry import ALL_TO_WRITE, APART, META_TO_WRITE, ON_DISK, body_key, decode_record
@@ -126,7 +127,7 @@ def test_the_keys_of_many_urls_are_those_of_each_url_found_in_one_pass() -> None
         m.put(key, (Cached(entry(key), b"x", state=ALL_TO_WRITE),))
     urls = ["http://h/a", "http://h/b", "http://h/c", "http://h/none", *(f"http://h/x{i}" for i in range(300))]
     passes = 0
-    real = m.arena.scan
+    real = m.arena.walk
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         nonlocal passes
@@ -138,13 +139,24 @@ def test_the_keys_of_many_urls_are_those_of_each_url_found_in_one_pass() -> None
         shapes = {"http://h/a\x1fh:accept=x", "http://h/c\x1fc:s=1"}  # on disk: without scan, the index's
         assert each == {"http://h/a", "http://h/b", "http://h/b\x1fh:accept=y", *(shapes if scan else ())}
         passes = 0
-        m.arena.scan = counted  # type: ignore[method-assign]
+        m.arena.walk = counted  # type: ignore[method-assign]
         try:
             assert m.keys_for_urls(urls, scan=scan) == each
         finally:
-            del m.arena.scan
+            del m.arena.walk
         assert passes == 1
     assert m.keys_for_urls([]) == set()
+    # Keys with no header or cookie parts (``exact``): the plain keys and their parts' keys,
+    # each looked up, and no pass at all.
+    m.put(part_key("http://h/d"), cached(part_key("http://h/d"), 100))
+    m.arena.walk = counted  # type: ignore[method-assign]
+    passes = 0
+    try:
+        assert set(filter(None, m.find_url_keys(["http://h/d", "http://h/b", "http://h/none"], exact=True))) \
+            == {"http://h/d", part_key("http://h/d"), "http://h/b"}
+    finally:
+        del m.arena.walk
+    assert passes == 0
     m.close()
 
 
