@@ -24,7 +24,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import IO, Any, Protocol, TypeVar, assert_never
 
@@ -189,8 +189,6 @@ class Store(Protocol):
     async def put_disk(self, entry: Entry, spool: BodySpool) -> bool: ...
     async def commit(self, entry: Entry, spool: BodySpool) -> bool: ...
     async def update_many(self, entries: Sequence[Entry]) -> None: ...
-    async def keys_for(self, urls: Iterable[str] = (), prefixes: Iterable[str] = (),
-                       tags: Iterable[str] = (), memory_only: bool = False) -> set[str]: ...
     async def delete(self, keys: Iterable[str], soft: bool = False) -> int: ...
     async def forget_gone(self, key: str) -> None: ...
     async def run(self, fn: Callable[..., T], *args: Any) -> T: ...
@@ -226,8 +224,8 @@ class Engine:
         pool: Upstreams,
         metrics: Metrics,
         *,
+        invalidate: Callable[[Sequence[str]], Awaitable[Any]],
         clock: Callable[[], float] = time.time,
-        invalidate: Callable[[Sequence[str]], Any] | None = None,
     ) -> None:
         self.settings = settings
         self.rules: RuleSet = settings.rules
@@ -239,6 +237,8 @@ class Engine:
             history_limit=max(settings.cache.memory_max_object, 1 << 20),
             hit_for_pass=settings.cache.hit_for_pass,
         )
+        # An unsafe method's invalidation (RFC 9111 §4.4): the runtime's purge (``Runtime.purge``:
+        # every worker, every node), which finds the URLs' keys as every purge does.
         self._invalidate_hook = invalidate
         self._via = f"1.1 {settings.via}"
         self._forwarder = Forwarder(self._via, settings.pool.preserve_host)
@@ -1071,10 +1071,7 @@ class Engine:
                     self.metrics.storage_errors.labels("invalidate").inc()
 
     async def _invalidate_now(self, urls: Sequence[str]) -> None:
-        if self._invalidate_hook is not None:
-            await self._invalidate_hook(urls)
-        else:
-            await self.storage.delete(await self.storage.keys_for(urls=urls))
+        await self._invalidate_hook(urls)
 
     def direct_reply(self, plan: RequestPlan, resp: UpstreamResponse, x_cache: str, cs: str,
                       head_only: bool) -> Reply:

@@ -3,8 +3,9 @@
 ``parse_purge`` turns a JSON document into a ``PurgeSpec`` or raises ``BadPurge``
 with a precise message; nothing is purged from an invalid request. The admin API reads a purge
 with ``read_purge``, the same parse in slices of ``PURGE_SLICE`` URLs with a turn of the event
-loop between them; ``Purger.plan`` reshapes URLs in such slices too, then finds their keys in
-one pass over the memory tier, and the purge drops them, in slices of the event loop's time
+loop between them; ``Purger.plan`` reshapes URLs in such slices too, then looks their keys up
+(finds them in one pass over the memory tier when a rule keys one on fields or cookies), and
+the purge drops them, in slices of the event loop's time
 (``proxy.storage.purging.Turns``): a purge of tens of thousands of URLs, in a cachegate of one
 process, holds client requests up for a slice at a time (a few milliseconds), not for the whole
 of it. A URL given to purge is reshaped by the same rules as a client request for it, so purging
@@ -429,6 +430,14 @@ class Purger:
         """The keys of the spec's URLs (every key shape, as the rules reshape them) and the match
         that tells any process what the purge covers.
 
+        A URL whose keys follow from it (no rule that could match it keys it on fields or cookies:
+        ``url_key_shapes``) is looked up, its keys only; the shared memory is looked through, in
+        slices, only for one that such a rule keys. Why: every unsafe request answered 2xx/3xx
+        (RFC 9111 §4.4) is such a purge, and with 250,000 records in a shared memory without a
+        disk tier each POST cost the process answering it 1.4 s of its loop's CPU (two passes),
+        0.16 s with a disk tier (the records not yet written to disk): any client could keep a
+        core busy with a POST loop.
+
         Where the purge begins (``since`` on the clock, ``arena_from`` in the shared memory) is
         taken first, before anything is looked up: the event loop runs between the slices of the
         lookup, and a fill that completes meanwhile, in any process, after its URL's slice was
@@ -438,13 +447,18 @@ class Purger:
         arena_from = self.storage.purge_mark()
         rules = self._rules()
         urls: set[str] = set()
+        exact = True
         for n, raw in enumerate(spec.urls, 1):
+            shapes, plain = url_key_shapes(raw, rules)
             urls.add(raw)
-            urls.update(url_shapes(raw, rules))
+            urls.update(shapes)
+            exact = exact and plain
             if n % PURGE_SLICE == 0:
                 await asyncio.sleep(0)  # tens of thousands of URLs: let client requests in between
-        # All the URLs at once: one pass over the memory (in slices), not one per slice of URLs.
-        keys = await self.storage.keys_for_urls(urls)
+        # All the URLs at once: looked up one by one when no rule keys any of them on fields or
+        # cookies (``url_key_shapes``), else one pass over the memory (in slices), not one per
+        # slice of URLs.
+        keys = await self.storage.keys_for_urls(urls, exact)
         keys.update(spec.keys)
         match = PurgeMatch(keys=frozenset(keys), urls=frozenset(urls), prefixes=spec.prefixes,
                            tags=frozenset(spec.tags), all=spec.all, soft=spec.soft, since=since,

@@ -140,6 +140,21 @@ class Versions:
         return web.Response(body=b"v%d" % version, headers=self._fields)
 
 
+class Edited:
+    """A page a POST edits: a GET answers ``old`` (``max-age=300``) until a POST (answered 204),
+    ``new`` from then on, so that a response served after the POST tells whether the unsafe
+    method's invalidation (RFC 9111 §4.4) reached the cache that served it."""
+
+    def __init__(self) -> None:
+        self.body = b"old"
+
+    async def page(self, request: web.Request) -> web.Response:
+        if request.method == "POST":
+            self.body = b"new"
+            return web.Response(status=204)
+        return web.Response(body=self.body, headers={"Cache-Control": "max-age=300"})
+
+
 @dataclass
 class Reply:
     status: int

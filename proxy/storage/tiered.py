@@ -295,18 +295,14 @@ class Storage:
     def purging(self) -> contextlib.AbstractAsyncContextManager[None]:
         return self.purges.paused()
 
-    async def keys_for_urls(self, urls: Iterable[str]) -> set[str]:
-        return await self.purges.keys_for_urls(urls)
+    async def keys_for_urls(self, urls: Iterable[str], exact: bool = False) -> set[str]:
+        return await self.purges.keys_for_urls(urls, exact)
 
     async def url_keys(self, urls: Iterable[str], exact: bool = False) -> set[str]:
         return await self.purges.url_keys(urls, exact)
 
     async def hosts_in_memory(self, hosts: Iterable[str]) -> set[str]:
         return await self.purges.hosts_in_memory(hosts)
-
-    async def keys_for(self, urls: Iterable[str] = (), prefixes: Iterable[str] = (),
-                       tags: Iterable[str] = (), memory_only: bool = False) -> set[str]:
-        return await self.purges.keys_for(urls, prefixes, tags, memory_only)
 
     async def purge_shared(self, keys: Iterable[str], prefixes: Iterable[str] = (),
                            tags: Iterable[str] = (), all: bool = False, soft: bool = False

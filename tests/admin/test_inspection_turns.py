@@ -15,10 +15,9 @@ from urllib.parse import quote
 
 import pytest
 
-from proxy.storage.arena import F_PERSISTED
-from tests.admin.util import absolute, js, loop_held, memory_passes, settle
+from tests.admin.util import absolute, crowd, js, loop_held, memory_passes, stored
 from tests.conftest import MakeProxy
-from tests.harness import Origin, Proxy
+from tests.harness import Origin
 
 RECORDS = 120_000  # a pass over them in one go held the loop for 0.3-1.4 s of CPU
 DISK = "cache: {memory: 128MB, disk: {path: cache, size: 256MB, shards: 2}}\n"
@@ -29,30 +28,6 @@ rules:
     match: {path: "/m/**"}
     key: {headers: [X-Mobile]}
 """
-
-
-def crowd(proxy: Proxy, like: str, prefix: str, n: int = RECORDS) -> None:
-    """``n`` records under ``prefix`` + a number, each a copy of ``like``'s record (a few may
-    push others out: a full bucket of the arena's index)."""
-    storage = proxy.runtime.storage
-    arena = storage.memory.arena
-    record = arena.find(like)
-    assert record is not None, like
-    body = arena.body(record)
-    assert body is not None
-    flags = F_PERSISTED if storage.disk is not None else 0
-    for i in range(n):
-        assert arena.put(f"{prefix}{i}", record.meta, body, flags=flags)
-    assert len(storage.memory) > n * 0.95
-
-
-async def stored(origin: Origin, proxy: Proxy, path: str, headers: dict[str, str] | None = None) -> str:
-    """Store ``path``, and the key it has (its URL: ``headers`` make the key of a keyed rule)."""
-    origin.route(path.split("?")[0], body=b"stored", headers={"Cache-Control": "max-age=300"})
-    await proxy.get(path, headers=headers)
-    assert (await proxy.get(path, headers=headers)).x_cache == "HIT"
-    await settle(proxy)
-    return absolute(proxy, path)
 
 
 @pytest.mark.parametrize(("config", "rules", "passes"), [
@@ -70,7 +45,7 @@ async def test_cache_of_a_url_holds_the_loop_for_a_slice_at_a_time_and_lists_the
     wakes of a probe while the call runs, and the stored variant is listed in memory."""
     proxy = await make_proxy(config=config, rules=rules)
     mobile = {"X-Mobile": "yes"}
-    crowd(proxy, await stored(origin, proxy, "/template"), absolute(proxy, "/m/crowd/"))
+    crowd(proxy, await stored(origin, proxy, "/template"), absolute(proxy, "/m/crowd/"), RECORDS)
     url = await stored(origin, proxy, "/m/page", headers=mobile)
     key = url + ("\x1fh:x-mobile=yes" if rules else "")
     counted = memory_passes(proxy, monkeypatch)
@@ -93,7 +68,7 @@ async def test_a_host_not_seen_since_start_is_looked_for_a_slice_at_a_time(
     (and no client asked for) is still served; one it does not hold is still refused."""
     proxy = await make_proxy(config=config)
     url = await stored(origin, proxy, "/template")
-    crowd(proxy, url, absolute(proxy, "/crowd/"))
+    crowd(proxy, url, absolute(proxy, "/crowd/"), RECORDS)
     if config == MEMORY_ONLY:  # (with a disk, its records are flagged written: the index's to tell)
         crowd(proxy, url, "http://held.example/x/", n=3)
         async with loop_held() as gaps:

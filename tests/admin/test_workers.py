@@ -20,7 +20,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.storage.arena import F_PERSISTED, Arena
-from tests.harness import Origin
+from tests.harness import Edited, Origin
 from tests.storage.procs import HOST, ProxyProcess, Response, on_disk, write_config
 
 pytestmark = pytest.mark.slow
@@ -204,6 +204,51 @@ async def test_cache_of_a_url_in_a_full_shared_memory_costs_the_workers_a_lookup
         assert "unanswered_workers" not in cache
         [variant] = cache["variants"]
         assert variant["memory_workers"] == [0, 1] and variant["body_in_memory"]
+    finally:
+        await proxy.stop()
+
+
+async def test_a_post_against_a_full_shared_memory_costs_the_supervisor_a_lookup_and_reaches_both_workers(
+        origin: Origin, tmp_path: Path) -> None:
+    """Any client's POST (answered 2xx: RFC 9111 §4.4) had the supervisor look through every
+    record of the shared memory twice to invalidate one URL (without a disk tier: 1.4 s of CPU
+    per POST with 250,000 records). Now a URL whose keys follow from it is looked up: with
+    120,000 records (put straight into the shared memory) the supervisor and each worker spend
+    under 0.1 s of CPU on a POST (the passes took 0.6 s of the supervisor's), and no worker
+    serves the invalidated response afterwards."""
+    origin.route("/template", body=b"t", headers={"Cache-Control": "max-age=300"})
+    origin.route("/n", Edited().page)
+    proxy = await start(origin, tmp_path, cache="cache: {memory: 128MB, disk: null}\n")
+    try:
+        await proxy.get("/template")
+        assert proxy.process is not None
+        supervisor = proxy.process.pid
+        arena = shared_memory_of(supervisor)
+        try:
+            template = arena.find(f"http://{HOST}/template")
+            assert template is not None
+            body = arena.body(template)
+            assert body is not None
+            for i in range(120_000):
+                arena.put(f"http://{HOST}/crowd/{i}", template.meta, body)
+        finally:
+            arena.close()
+        await in_both_memories(proxy, "/n")
+        pids = {"supervisor": supervisor, **proxy.workers}
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s, \
+                s.post(proxy.url + "/n", data=b"x", headers={"Host": HOST}) as r:
+            assert r.status == 204
+        spent = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+        assert all(s < 0.1 for s in spent.values()), f"a POST cost {spent} s of CPU"
+        answered: set[str] = set()
+        for _ in range(400):
+            r2 = await proxy.get("/n")
+            assert r2.body == b"new", (r2.worker, r2.x_cache, r2.tier)
+            answered.add(r2.worker)
+            if len(answered) == 2:
+                break
+        assert answered == {"0", "1"}
     finally:
         await proxy.stop()
 

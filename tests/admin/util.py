@@ -7,15 +7,16 @@ import contextlib
 import gc
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from proxy.inspection import Inspector
+from proxy.storage.arena import F_PERSISTED
 from proxy.web.admin import ADMIN
-from tests.harness import Proxy
+from tests.harness import Origin, Proxy
 from tests.rules.util import settle
 
-__all__ = ["absolute", "inspector", "js", "loop_held", "memory_passes", "settle", "swept"]
+__all__ = ["absolute", "crowd", "inspector", "js", "loop_held", "memory_passes", "settle", "stored", "swept"]
 
 
 @contextlib.asynccontextmanager
@@ -51,18 +52,52 @@ async def loop_held() -> AsyncIterator[list[float]]:
 
 
 def memory_passes(proxy: Proxy, monkeypatch: Any) -> list[int]:
-    """Counts the passes over the proxy's shared memory from now on (``[n]``, kept up to date)."""
+    """Counts the passes over the proxy's shared memory from now on, and the records they went
+    by (``[passes, records]``, kept up to date: a record passed over counts too)."""
     arena = proxy.runtime.storage.memory.arena
-    passes = [0]
+    passes = [0, 0]
+
+    def records(items: Iterator[Any]) -> Iterator[Any]:
+        for item in items:
+            passes[1] += 1
+            yield item
+
     for name in ("scan", "walk"):
         real = getattr(arena, name)
 
         def counted(*args: Any, _real: Any = real, **kwargs: Any) -> Any:
             passes[0] += 1
-            return _real(*args, **kwargs)
+            return records(_real(*args, **kwargs))
 
         monkeypatch.setattr(arena, name, counted)
     return passes
+
+
+def crowd(proxy: Proxy, like: str, prefix: str, n: int) -> None:
+    """``n`` records under ``prefix`` + a number, each a copy of ``like``'s record, put straight
+    into the shared memory (as many fills would leave them; a few may push others out: a full
+    bucket of the arena's index): flagged as written to disk where there is a disk tier (the
+    write-behind then leaves them alone, and a lookup with an index that answers passes them
+    over), else not."""
+    storage = proxy.runtime.storage
+    arena = storage.memory.arena
+    record = arena.find(like)
+    assert record is not None, like
+    body = arena.body(record)
+    assert body is not None
+    flags = F_PERSISTED if storage.disk is not None else 0
+    for i in range(n):
+        assert arena.put(f"{prefix}{i}", record.meta, body, flags=flags)
+    assert len(storage.memory) > n * 0.95
+
+
+async def stored(origin: Origin, proxy: Proxy, path: str, headers: dict[str, str] | None = None) -> str:
+    """Store ``path``, and the key it has (its URL: ``headers`` make the key of a keyed rule)."""
+    origin.route(path.split("?")[0], body=b"stored", headers={"Cache-Control": "max-age=300"})
+    await proxy.get(path, headers=headers)
+    assert (await proxy.get(path, headers=headers)).x_cache == "HIT"
+    await settle(proxy)
+    return absolute(proxy, path)
 
 
 async def swept(proxy: Proxy, wait: float = 10.0) -> None:

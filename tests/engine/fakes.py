@@ -178,10 +178,10 @@ class FakeStore:
             self.variants[entry.key] = tuple(Cached(entry, c.body) if c.entry.body_id == entry.body_id else c
                                              for c in self.variants.get(entry.key, ()))
 
-    async def keys_for(self, urls: Iterable[str] = (), prefixes: Iterable[str] = (),
-                       tags: Iterable[str] = (), memory_only: bool = False) -> set[str]:
+    async def invalidate(self, urls: Sequence[str]) -> None:
+        """The engine's invalidation (the runtime's purge of these URLs, in a real proxy)."""
         wanted = set(urls)
-        return {k for k, vs in self.variants.items() if any(c.entry.url in wanted for c in vs)}
+        await self.delete([k for k, vs in self.variants.items() if any(c.entry.url in wanted for c in vs)])
 
     async def delete(self, keys: Iterable[str], soft: bool = False) -> int:
         return sum(self.variants.pop(k, None) is not None for k in list(keys))
@@ -430,7 +430,7 @@ def make_rig(tmp_path: Path, config: str = "", rules: str | None = None,
     path.write_text(text or "{}\n")
     settings = load_config(str(path), Overrides(upstreams=(ORIGIN,)))
     store, origin, clock = FakeStore(max_object), FakeOrigin(), Clock()
-    engine = Engine(settings, store, origin, Metrics(), clock=clock)
+    engine = Engine(settings, store, origin, Metrics(), invalidate=store.invalidate, clock=clock)
     return Rig(engine, store, origin, clock)
 
 

@@ -343,7 +343,6 @@ async def test_a_url_purge_finds_every_key_shape_not_yet_written_behind(disk_sto
     for k in (KEY, shaped):
         assert await store(disk_store, entry(k), b"x" * 100, flush=False)
     assert await disk_store.keys_for_urls([KEY]) == {KEY, shaped}
-    assert await disk_store.keys_for(urls=[KEY]) == {KEY, shaped}
     assert disk_store.persister is not None
     await disk_store.persister.flush()
     assert await disk_store.keys_for_urls([KEY]) == {KEY, shaped}

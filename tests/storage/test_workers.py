@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.harness import Origin
+from tests.harness import Edited, Origin
 from tests.storage.procs import HOST, ProxyProcess, Response, alive, write_config
 
 pytestmark = pytest.mark.slow
@@ -81,15 +81,7 @@ async def test_a_purge_through_the_admin_api_reaches_every_workers_memory(
 
 async def test_a_purge_sent_to_a_worker_as_an_unsafe_method_reaches_the_other_worker(
         origin: Origin, tmp_path: Path) -> None:
-    version = {"v": b"old"}
-
-    async def page(request: web.Request) -> web.Response:
-        if request.method == "POST":
-            version["v"] = b"new"
-            return web.Response(status=204)
-        return web.Response(body=version["v"], headers={"Cache-Control": "max-age=300"})
-
-    origin.route("/doc", page)
+    origin.route("/doc", Edited().page)
     proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, CACHE))
     await proxy.start("--workers", "2")
     try:
