@@ -28,10 +28,12 @@ stale-while-revalidate or a soft purge started a refresh, or max-stale allowed i
 stale copy served because the origin failed (stale-if-error), a timeout, a refused connection
 ...). A fill whose head could not say whether it was stored (a chunked body still arriving, which
 may outgrow the store's limit) is asked of the store once its body is read: a ``HEAD`` with
-``only-if-cached``, which never reaches the origin. What the summary prints of reasons and URLs
-is shown as ``cachegate top`` shows it: controls and bidi overrides replaced. The summary counts
-each; the exit status is 1 when errors exceed ``--max-errors`` (0 by default), 130 after Ctrl-C
-(which stops at once and prints the summary so far), 2 for bad arguments or nothing to warm.
+``only-if-cached``, which never reaches the origin, on the connection its ``GET`` went on (each
+of the ``--concurrency`` workers has one: with ``--workers N``, the worker process that received
+the body answers). What the summary prints of reasons and URLs is shown as ``cachegate top``
+shows it: controls and bidi overrides replaced. The summary counts each; the exit status is 1
+when errors exceed ``--max-errors`` (0 by default), 130 after Ctrl-C (which stops at once and
+prints the summary so far), 2 for bad arguments or nothing to warm.
 
 The parsing and classifying functions are pure; ``Warmer`` does the I/O.
 """
@@ -896,7 +898,15 @@ class Warmer:
     async def stored_after(self, session: Any, target: Target) -> Outcome:
         """Whether a fill whose head could not say so (``classify``: "undecided") was stored, now
         that its body has been read: asked of the store alone (HEAD with ``only-if-cached``, which
-        never goes to the origin: a 504 when nothing is stored)."""
+        never goes to the origin: a 504 when nothing is stored).
+
+        Asked on the connection ``session`` took for the fill (``_warm``'s workers have one
+        each). Why that one: a body too big for the shared memory is written to disk by the worker
+        process that received it, after its last byte went out, and only that process's reads
+        wait for the write; with ``--workers N`` a check that reached the other worker first was
+        a 504, and a stored fill counted NOT-STORED (3 runs in 8 of 11 URLs). A retry after a 504
+        would guess how long a write takes (a shard's lock held, a body of 100 MB), and hold
+        every fill that was not stored that long."""
         import aiohttp
         from yarl import URL
 
@@ -954,8 +964,6 @@ class Warmer:
         sitemap's URLs (first, those that can be sent) and the other sources (checked by the
         caller: ``url_lines``) into targets; ``refused``: (error, URL) the sources could not turn
         into a request, counted as errors once each."""
-        import aiohttp
-
         tally = Tally(total=0)
         for outcome, url in refused:
             tally.refuse(outcome, url)
@@ -964,46 +972,59 @@ class Warmer:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGINT, stop.set)
-        connector = aiohttp.TCPConnector(limit=max(1, self.options.concurrency))
         try:
-            async with aiohttp.ClientSession(connector=connector, auto_decompress=False, trust_env=False,
-                                             cookie_jar=aiohttp.DummyCookieJar(),
-                                             skip_auto_headers=SKIPPED_AUTO_HEADERS) as session:
-                found = await _until(stop, self.sitemap_urls(session, sitemaps, tally)) if sitemaps else []
-                unsent: list[tuple[Outcome, str]] = []
-                targets: list[Target] = targets_of(self.sendable(found or [], unsent))
-                for outcome, url in unsent:
-                    tally.refuse(outcome, url)
-                tally.total += len(targets)
-                if not stop.is_set():
-                    await self._warm(session, targets, tally, stop, started)
+            found: list[str] | None = []
+            if sitemaps:
+                async with self._session(max(1, self.options.concurrency)) as session:
+                    found = await _until(stop, self.sitemap_urls(session, sitemaps, tally))
+            unsent: list[tuple[Outcome, str]] = []
+            targets: list[Target] = targets_of(self.sendable(found or [], unsent))
+            for outcome, url in unsent:
+                tally.refuse(outcome, url)
+            tally.total += len(targets)
+            if not stop.is_set():
+                await self._warm(targets, tally, stop, started)
         finally:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(signal.SIGINT)
         return tally, time.monotonic() - started, stop.is_set()
 
-    async def _warm(self, session: Any, targets: list[Target], tally: Tally, stop: asyncio.Event,
-                    started: float) -> None:
+    def _session(self, connections: int) -> Any:
+        """A client session to the proxy over at most ``connections`` connections at once."""
+        import aiohttp
+
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections), auto_decompress=False,
+                                     trust_env=False, cookie_jar=aiohttp.DummyCookieJar(),
+                                     skip_auto_headers=SKIPPED_AUTO_HEADERS)
+
+    async def _warm_one(self, session: Any, target: Target) -> Outcome:
+        """What requesting ``target`` achieved (its check too, when its head could not say)."""
+        try:
+            status, headers, _ = await self.fetch(session, target)
+            x_cache = headers.getall("X-Cache-Status", [""])[-1]  # cachegate's own is last
+            outcome = classify(status, x_cache, own_cache_status(headers.getall("Cache-Status", [])))
+            if outcome.kind == "undecided":
+                outcome = await self.stored_after(session, target)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            outcome = Outcome("error", *_error_kind(exc))
+        return outcome
+
+    async def _warm(self, targets: list[Target], tally: Tally, stop: asyncio.Event, started: float) -> None:
         queue = collections.deque(targets)
         pacer = Pacer(self.options.rate)
 
         async def worker() -> None:
-            while queue and not stop.is_set():
-                target = queue.popleft()
-                wait = pacer.wait(time.monotonic())
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                try:
-                    status, headers, _ = await self.fetch(session, target)
-                    x_cache = headers.getall("X-Cache-Status", [""])[-1]  # cachegate's own is last
-                    outcome = classify(status, x_cache, own_cache_status(headers.getall("Cache-Status", [])))
-                    if outcome.kind == "undecided":
-                        outcome = await self.stored_after(session, target)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    outcome = Outcome("error", *_error_kind(exc))
-                tally.add(outcome, target.url)
+            # One connection of its own (kept alive): a fill's check (``stored_after``) reaches
+            # the worker process that made the fill, whose reads wait for its own disk write.
+            async with self._session(1) as session:
+                while queue and not stop.is_set():
+                    target = queue.popleft()
+                    wait = pacer.wait(time.monotonic())
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    tally.add(await self._warm_one(session, target), target.url)
 
         reporter = asyncio.ensure_future(self._report(tally, started))
         # No more workers than requests: each one is a task and, once it sends, a connection.
