@@ -401,8 +401,9 @@ class Engine:
                     if reply is not None:
                         return reply
                 return self.finish(plan, error_reply(
-                    504, "Gateway Timeout", "only-if-cached: no stored response", "MISS",
-                    cache_status(detail="ONLY-IF-CACHED")))
+                    504, "Gateway Timeout", "only-if-cached: no stored response" if unmatched else
+                    "only-if-cached: the stored response needs validation", "MISS",
+                    cache_status(detail=decision.detail)))
             case _:
                 assert_never(decision)
 

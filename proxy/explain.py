@@ -1122,8 +1122,10 @@ def _now_decision(rules: RuleSet, head: RequestHead, plan: RequestPlan, key: str
                 if from_part is not None:
                     return from_part
             return {"action": "reject", "status": 504, "x_cache_status": "MISS",
-                    "cache_status": cache_status(detail="ONLY-IF-CACHED"),
-                    "why": "the client sent only-if-cached and nothing usable is stored"}
+                    "cache_status": cache_status(detail=decision.detail),
+                    "why": "the client sent only-if-cached and " + (
+                        "nothing stored matches" if unmatched else
+                        "the stored response may not be served without the origin")}
         case _:
             assert_never(decision)
 

@@ -30,10 +30,11 @@ stale copy served because the origin failed (stale-if-error), a timeout, a refus
 may outgrow the store's limit) is asked of the store once its body is read: a ``HEAD`` with
 ``only-if-cached``, which never reaches the origin, on the connection its ``GET`` went on (each
 of the ``--concurrency`` workers has one: with ``--workers N``, the worker process that received
-the body answers). What the summary prints of reasons and URLs is shown as ``cachegate top``
-shows it: controls and bidi overrides replaced. The summary counts each; the exit status is 1
-when errors exceed ``--max-errors`` (0 by default), 130 after Ctrl-C (which stops at once and
-prints the summary so far), 2 for bad arguments or nothing to warm.
+the body answers); a stored response that needs validation first (``no-cache``) is stored.
+What the summary prints of reasons and URLs is shown as ``cachegate top`` shows it: controls
+and bidi overrides replaced. The summary counts each; the exit status is 1 when errors exceed
+``--max-errors`` (0 by default), 130 after Ctrl-C (which stops at once and prints the summary so
+far), 2 for bad arguments or nothing to warm.
 
 The parsing and classifying functions are pure; ``Warmer`` does the I/O.
 """
@@ -898,7 +899,9 @@ class Warmer:
     async def stored_after(self, session: Any, target: Target) -> Outcome:
         """Whether a fill whose head could not say so (``classify``: "undecided") was stored, now
         that its body has been read: asked of the store alone (HEAD with ``only-if-cached``, which
-        never goes to the origin: a 504 when nothing is stored).
+        never goes to the origin): a 504 when nothing is stored, but for one whose ``Cache-Status``
+        says ``ONLY-IF-CACHED-NEEDS-VALIDATION``: stored, and to be revalidated before use (a
+        ``no-cache`` response, stored as its twin with a ``Content-Length`` says in its head).
 
         Asked on the connection ``session`` took for the fill (``_warm``'s workers have one
         each). Why that one: a body too big for the shared memory is written to disk by the worker
@@ -910,11 +913,16 @@ class Warmer:
         import aiohttp
         from yarl import URL
 
+        from proxy.policy.reuse import ONLY_IF_CACHED_NEEDS_VALIDATION
+
         url, headers = self._request_of(target)
         headers["Cache-Control"] = "only-if-cached"
         async with session.head(URL(url, encoded=True), headers=headers, allow_redirects=False,
                                 timeout=aiohttp.ClientTimeout(total=self.options.timeout)) as resp:
-            return Outcome("stored") if resp.status < 300 else Outcome("not_storable", "NOT-STORED")
+            if resp.status < 300 or cache_status_detail(own_cache_status(
+                    resp.headers.getall("Cache-Status", []))) == ONLY_IF_CACHED_NEEDS_VALIDATION:
+                return Outcome("stored")
+            return Outcome("not_storable", "NOT-STORED")
 
     async def sitemap_urls(self, session: Any, roots: Sequence[str], tally: Tally) -> list[str]:
         """Every page URL of the sitemaps, following sitemap indexes (each sitemap fetched once);

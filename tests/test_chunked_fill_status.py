@@ -36,8 +36,9 @@ def chunk(data: bytes) -> bytes:
 
 def chunked_origin(go: asyncio.Event) -> Serve:
     """``/big``: 5 pieces of 50,000 bytes (over max_object), ``/fits``: 1 piece, each written
-    a while apart once ``go`` is set (never whole with the head); ``/small-*``: the head and a
-    body of the size the path says, in one write (whole with the head)."""
+    a while apart once ``go`` is set (never whole with the head); ``/no-cache``: as ``/fits``,
+    ``no-cache`` (stored, revalidated before each use); ``/small-*``: the head and a body of the
+    size the path says, in one write (whole with the head)."""
     async def serve(conn: Conn) -> None:
         while True:
             request = await conn.request()
@@ -46,7 +47,7 @@ def chunked_origin(go: asyncio.Event) -> Serve:
                 await conn.send(HEAD + chunk(b"s" * int(path.removeprefix("/small-"))) + b"0\r\n\r\n")
                 continue
             await go.wait()
-            await conn.send(HEAD)
+            await conn.send(HEAD.replace(b"max-age=600", b"no-cache, max-age=600") if path == "/no-cache" else HEAD)
             for _ in range(5 if path == "/big" else 1):
                 await asyncio.sleep(0.05)
                 await conn.send(chunk(PIECE))
@@ -127,7 +128,9 @@ async def test_a_chunked_body_whole_with_its_head_is_said_as_one_with_a_content_
 
 async def test_warm_asks_the_store_whether_a_chunked_fill_was_stored(make_proxy: MakeProxy) -> None:
     """``cachegate warm`` read ``stored`` from the head: without it, a chunked fill that was
-    stored counted as not storable. It asks the store (HEAD, only-if-cached) instead."""
+    stored counted as not storable. It asks the store (HEAD, only-if-cached) instead. A stored
+    ``no-cache`` response is stored too (its 504 says it needs validation), as the head of one
+    with a ``Content-Length`` says: it counted NOT-STORED."""
     from tests.console.test_warm import warm
 
     go = asyncio.Event()
@@ -136,12 +139,13 @@ async def test_warm_asks_the_store_whether_a_chunked_fill_was_stored(make_proxy:
         origin = await start(chunked_origin(go))
         proxy = await make_proxy(config=CONFIG, upstreams=[origin.url])
         code, out, err = await warm("--proxy", proxy.url, "--urls", "-", "--progress", "none",
-                                    stdin=b"/fits\n/big\n")
+                                    stdin=b"/fits\n/big\n/no-cache\n")
         assert code == 0, (out, err)
         lines = {line.split()[0]: line for line in out.splitlines()[1:] if line.strip()}
-        assert lines["stored"].split()[1] == "1", out  # /fits
+        assert lines["stored"].split()[1] == "2", out  # /fits, /no-cache
         assert "(NOT-STORED 1)" in lines["not"], out  # /big: over max_object
-        assert sorted(r.target for _, r in origin.requests) == ["/big", "/fits"]  # the checks never reached it
+        # (the checks never reached it)
+        assert sorted(r.target for _, r in origin.requests) == ["/big", "/fits", "/no-cache"]
 
 
 @pytest.mark.slow

@@ -10,7 +10,8 @@
 - ``Forward``: go to the origin, with ``fwd`` naming why (RFC 9211 vocabulary), and
   ``full_fetch`` why a stored response that matches is not revalidated instead;
 - ``OnlyIfCachedMiss``: the client sent ``only-if-cached`` and nothing usable is
-  stored: answer 504 (§5.2.1.7), unless a stored part answers its range.
+  stored: answer 504 (§5.2.1.7), unless a stored part answers its range; its ``detail`` says
+  whether a stored response matches (one that needs validation first) or none does.
 
 ``decide_part_lookup`` is the same question for a single range no complete response
 answers, asked of the stored parts (206 responses, RFC 9111 §3.3) and of the head of the key's
@@ -97,6 +98,10 @@ class Forward:
 URI_MISS = Forward("uri-miss")  # (frozen: one for every plain miss)
 
 
+# ``OnlyIfCachedMiss.detail``: nothing stored matches; a stored response does, but needs validation
+ONLY_IF_CACHED, ONLY_IF_CACHED_NEEDS_VALIDATION = "ONLY-IF-CACHED", "ONLY-IF-CACHED-NEEDS-VALIDATION"
+
+
 @dataclass(frozen=True, slots=True)
 class OnlyIfCachedMiss:
     """``unmatched``: no complete stored response matches the request (what would otherwise be
@@ -105,6 +110,16 @@ class OnlyIfCachedMiss:
     be served (stale, the client's no-cache or max-age) leaves no part to look at."""
 
     unmatched: bool = False
+
+    @property
+    def detail(self) -> str:
+        """The 504's ``Cache-Status`` detail: ``ONLY-IF-CACHED`` when nothing stored matches the
+        request, ``ONLY-IF-CACHED-NEEDS-VALIDATION`` when a stored response does but may not be
+        served without the origin (stale, ``no-cache``, or the client's own ``no-cache``,
+        ``max-age`` or ``min-fresh``). Why both: a client asking whether something is stored
+        (``cachegate warm`` after a chunked fill) read a stored ``no-cache`` response's 504 as
+        nothing stored, where the same response with a ``Content-Length`` said stored."""
+        return ONLY_IF_CACHED if self.unmatched else ONLY_IF_CACHED_NEEDS_VALIDATION
 
 
 LookupDecision = Serve | Revalidate | Forward | OnlyIfCachedMiss

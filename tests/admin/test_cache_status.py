@@ -163,6 +163,15 @@ CASES: dict[str, tuple[Scenario, int, str, str]] = {
                               200, "STALE", f"cachegate; fwd=stale; fwd-status=503; ttl={T}; detail=ORIGIN-ERROR"),
     "only-if-cached": (lambda o, p: plain(o, p, "/oic", {CC: "max-age=60"}, request_headers={CC: "only-if-cached"}),
                        504, "MISS", "cachegate; detail=ONLY-IF-CACHED"),
+    # Stored, but it needs validation first (its no-cache, a stale one, the client's max-age=0):
+    # said apart from nothing stored, so a client asking whether it is stored can tell.
+    "only-if-cached, stored no-cache": (
+        lambda o, p: twice(o, p, "/oicn", {CC: "no-cache, max-age=60", "ETag": '"n"'},
+                           request_headers={CC: "only-if-cached"}),
+        504, "MISS", "cachegate; detail=ONLY-IF-CACHED-NEEDS-VALIDATION"),
+    "only-if-cached, stored, client max-age=0": (
+        lambda o, p: twice(o, p, "/oicm", {CC: "max-age=60"}, request_headers={CC: "only-if-cached, max-age=0"}),
+        504, "MISS", "cachegate; detail=ONLY-IF-CACHED-NEEDS-VALIDATION"),
     "stale-if-error, origin down": (lambda o, p: unreachable(o, p, "/down", {CC: "max-age=1, stale-if-error=60"}),
                                     200, "STALE", f"cachegate; fwd=stale; ttl={T}; detail=ORIGIN-UNREACHABLE"),
     "must-revalidate, origin down": (lambda o, p: unreachable(o, p, "/mr", {CC: "max-age=1, must-revalidate"}),

@@ -169,6 +169,19 @@ def test_nothing_stored_is_a_uri_miss_and_only_if_cached_gets_504() -> None:
     assert decide_lookup(request(("Cache-Control", "only-if-cached")), [], T0, options) == OnlyIfCachedMiss(unmatched=True)
 
 
+def test_only_if_cached_says_whether_a_stored_response_needs_validation_or_none_matches() -> None:
+    """The 504's detail tells "nothing stored" from "stored, but it needs the origin first"
+    (RFC 9111 §5.2.1.7 allows neither to be served): a client asking whether something is
+    stored (``cachegate warm``) read a stored ``no-cache`` response as nothing stored."""
+    oic = request(("Cache-Control", "only-if-cached"))
+    nothing = decide_lookup(oic, [], T0, CacheOptions())
+    assert isinstance(nothing, OnlyIfCachedMiss) and nothing.detail == "ONLY-IF-CACHED"
+    for cc, now in (("no-cache, max-age=60", T0 + 1), ("max-age=60", T0 + 61)):
+        decision = decide_lookup(oic, [stored([("Cache-Control", cc)])], now, CacheOptions())
+        assert decision == OnlyIfCachedMiss(unmatched=False)
+        assert isinstance(decision, OnlyIfCachedMiss) and decision.detail == "ONLY-IF-CACHED-NEEDS-VALIDATION"
+
+
 VARY = [
     ("the same selecting value matches (RFC 9111 §4.1)", [("Foo", "1")], 0),
     ("unlisted fields do not matter", [("Foo", "1"), ("Bar", "a")], 0),
