@@ -845,6 +845,8 @@ class ProxyRequestHandler(LimitedHandler):
             manager.requests_count += 1
         if sent:
             self._kept_alive()
+            if self._raw is not None:  # (TLS: a reply its TLS layer never pauses for, ``tls_written``)
+                self.tls_written()
         return sent
 
     def _send_file(self, transport: Any, head: bytes, shared: SharedFile, cached: Cached | None) -> bool:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import gc
 import logging
 import socket
 import struct
@@ -368,8 +369,12 @@ class LimitedHandler(HeadTimedHandler):
     spread of the runs); at each new connection a length comparison and the keep-alive timer
     armed again, and a walk over the connections only once over the cap (with one ioctl for
     each it would close as idle, or that is being sampled; when it closes nothing, one pass
-    more counting the replies just found, and a timer for a connection held). ``limited``
-    says what happened (the listener logs and counts it).
+    more counting the replies just found, and a timer for a connection held). On a TLS
+    connection, whose writes its TLS layer does not pause for a reply waiting in the TCP
+    transport under it, a look at that transport's buffer after each reply (``tls_written``:
+    past its high-water mark, the reply is sampled as a paused one; the TCP transport found
+    once, at the connection's start: ``tcp_under``); hit-1k, plain, 45.61 calls a request
+    before and after. ``limited`` says what happened (the listener logs and counts it).
 
     A reply that closes the connection while its client may still be sending (``input_pending``)
     is followed by a lingering close (``proxy.web.lingering``: ``closed_after``, ``linger``), so
@@ -384,7 +389,7 @@ class LimitedHandler(HeadTimedHandler):
 
     __slots__ = ("_closing", "_finished", "_found_at", "_graced", "_half_closed", "_handled",
                  "_hold_handle", "_linger_for", "_lingering", "_max_connections", "_moved_at", "_opened",
-                 "_send_handle", "_send_timeout", "_started", "_unsent")
+                 "_raw", "_raw_high", "_send_handle", "_send_timeout", "_started", "_unsent")
 
     def __init__(self, manager: web.Server, *, max_connections: int, send_timeout: float = 0.0,
                  lingering: tuple[float, float] = (0.0, 0.0), **kwargs: Any) -> None:
@@ -421,6 +426,10 @@ class LimitedHandler(HeadTimedHandler):
         self._hold_handle: asyncio.TimerHandle | None = None
         # The transport of a close under way that waits for the client (``force_close``).
         self._closing: asyncio.Transport | None = None
+        # A TLS connection's TCP transport, under its TLS one (``connection_made``), and its
+        # high-water mark: None for a plain one.
+        self._raw: Any = None
+        self._raw_high = 0
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -432,8 +441,32 @@ class LimitedHandler(HeadTimedHandler):
     def resume_writing(self) -> None:
         super().resume_writing()
         budget = self.unsent_budget()
-        if budget is not None:
+        if budget is not None and not self.raw_held():  # (a TLS one: ``tls_written``)
             budget.resumed(self)
+
+    def tls_written(self) -> None:
+        """A TLS connection's reply was handed to its transport (the fast path's ``_send``, the
+        end of a general one: ``finish_response``; only when ``_raw`` is set). The loop's TLS
+        layer encrypts what it is given and hands it all to the TCP transport under it at once,
+        and pauses the writes only for what it holds itself (past 512 KB): a reply handed over
+        whole waits in the TCP transport's buffer (~1 MB of a 1 MB hit to a client that reads
+        nothing) and the writes never pause. So a reply that left the TCP transport's buffer
+        past its high-water mark counts as a paused one does (``pause_writing``): its progress
+        sampled, what it holds in ``max_unsent``'s budget, until that buffer is back under the
+        mark (``_send_expired``) or the connection is lost. A reply that leaves at once costs
+        a buffer size here."""
+        if self._paused or self._raw.get_write_buffer_size() <= self._raw_high:
+            return
+        if self._send_handle is None:  # (else sampled already: its progress is known)
+            self._sampled(self.unsent())
+        budget = self.unsent_budget()
+        if budget is not None:
+            budget.paused(self)
+
+    def raw_held(self) -> bool:
+        """A TLS connection's TCP transport holds more than its high-water mark."""
+        raw = self._raw
+        return raw is not None and raw.get_write_buffer_size() > self._raw_high
 
     def unsent_budget(self) -> UnsentBudget | None:
         """The listener's ``max_unsent`` (the client listeners'; the admin listener has none):
@@ -463,6 +496,7 @@ class LimitedHandler(HeadTimedHandler):
             budget.resumed(self)
         super().connection_lost(exc)
         self._closing = None  # (gone from the server's list: counted no more)
+        self._raw = None
 
     def _send_ended(self) -> None:
         handle = self._send_handle
@@ -479,6 +513,10 @@ class LimitedHandler(HeadTimedHandler):
         if transport is None or transport.is_closing():
             return
         moved = self.reply_moved(self.sample_every())
+        if self._raw is not None and not self._paused and not self.raw_held():
+            budget = self.unsent_budget()  # (a TLS reply counted since it was handed over: ``tls_written``)
+            if budget is not None:
+                budget.resumed(self)
         if self._unsent <= 0:
             return
         timeout = self._send_timeout
@@ -595,9 +633,9 @@ class LimitedHandler(HeadTimedHandler):
             if transport is None:
                 return 0
         size = transport.get_write_buffer_size()
-        # A TLS transport's buffer is its own; the encrypted bytes wait in the socket's one.
-        raw = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
-        if isinstance(raw, asyncio.WriteTransport):
+        # A TLS transport's buffer is its own; the encrypted bytes wait in the TCP one's (``_raw``).
+        raw = self._raw
+        if raw is not None:
             size += raw.get_write_buffer_size()
         return size
 
@@ -660,6 +698,9 @@ class LimitedHandler(HeadTimedHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        raw = tcp_under(transport)
+        if raw is not None:
+            self._raw, self._raw_high = raw, raw.get_write_buffer_limits()[1]
         handle, every = self._keepalive_handle, self.check_every()
         if handle is not None and every < self._keepalive_timeout:  # (aiohttp's: at the timeout)
             handle.cancel()
@@ -832,6 +873,8 @@ class LimitedHandler(HeadTimedHandler):
         if self._upgraded and not self._messages and self._payload_parser is None:
             self.upgrade_refused(resp)
         out = await super().finish_response(request, resp, start_time)
+        if self._raw is not None:
+            self.tls_written()
         if not out[1] and (self._close or not out[0].keep_alive) and not self._force_close:
             self.closed_after(request._payload)
         return out
@@ -958,6 +1001,27 @@ class LimitedHandler(HeadTimedHandler):
         return isinstance(manager, LimitedServer) and manager.stopping
 
 
+def tcp_under(transport: asyncio.BaseTransport) -> Any:
+    """The TCP transport under a TLS one (``transport``), where its encrypted bytes wait for the
+    socket; None for a plain one, or when it cannot be found. asyncio's TLS transport holds its
+    ``SSLProtocol`` (``_ssl_protocol``), which holds it (``_transport``); uvloop's, in C, hands
+    its ``SSLProtocol`` out (``get_extra_info("uvloop.sslproto")``) but not its fields: the TCP
+    transport is the one among what it refers to (``gc.get_referents``) that is a transport
+    other than ``transport``. Asked once per connection (``LimitedHandler.connection_made``)."""
+    protocol = getattr(transport, "_ssl_protocol", None)
+    if protocol is not None:
+        raw = getattr(protocol, "_transport", None)
+        return raw if callable(getattr(raw, "get_write_buffer_size", None)) else None
+    protocol = transport.get_extra_info("uvloop.sslproto")
+    if protocol is None:
+        return None
+    for found in gc.get_referents(protocol):
+        if (found is not transport and callable(getattr(found, "get_write_buffer_size", None))
+                and callable(getattr(found, "get_write_buffer_limits", None))):
+            return found
+    return None
+
+
 def live_connections(connections: Iterable[Any]) -> list[LimitedHandler]:
     """The connections the cap counts: not closed (closed ones stay listed until their
     ``connection_lost``, which comes later: a burst of connections accepted at once would
@@ -1016,7 +1080,12 @@ class UnsentBudget:
     its buffers hold then is added to ``total`` (``LimitedHandler.buffered``: no system call);
     when they resume, or the connection is lost, it is taken off (``resumed``). A reply the
     kernel takes at once never pauses, and costs nothing here. ``total`` overstates as clients
-    read (each is measured at its pause only).
+    read (each is measured at its pause only). A TLS connection's writes pause only for what
+    its TLS layer holds (512 KB), not for what waits in the TCP transport under it, where a
+    reply handed over whole goes: it counts from when a reply leaves that buffer past its
+    high-water mark (``LimitedHandler.tls_written``, a buffer size per reply on TLS, nothing on
+    plain HTTP) until a sample finds it back under it (``_send_expired``). Without that, 40 TLS
+    clients reading nothing of a 1 MB hit past a 1 MB budget: none reset, ``total`` 0.
 
     When a pause takes ``total`` past the budget, each paused connection is measured again; if
     it is still over, the connections whose client has read none of its reply for
@@ -1275,4 +1344,4 @@ class CappedServer(LimitedServer):
 
 __all__ = ["CappedHandler", "CappedServer", "HeadTimedHandler", "LimitedHandler", "LimitedServer",
            "UnsentBudget", "after_body", "close_oldest_waiting", "empty_lines", "live_connections",
-           "oldest_waiting", "unfinished_head"]
+           "oldest_waiting", "tcp_under", "unfinished_head"]

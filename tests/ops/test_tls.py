@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -384,6 +385,57 @@ def test_uvloop_tls_transports_say_they_are_tls(certs: Certs) -> None:
         return found
 
     assert uvloop.run(run()) is tls.context
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_the_tcp_transport_under_a_tls_one_is_found_on_either_loop(certs: Certs, loop: str) -> None:
+    """``max_unsent`` counts what a TLS connection's TCP transport holds (``tcp_under``): a reply
+    handed over whole waits there, its writes never paused. uvloop's TLS transport (in C)
+    hides it; were it not found, the budget would not see TLS replies at all: this says so."""
+    from proxy.web.headtimeout import tcp_under
+
+    tls = ServerTLS(str(certs.cert), str(certs.key))
+
+    async def run() -> tuple[str, int, str]:
+        seen: asyncio.Queue[asyncio.BaseTransport] = asyncio.Queue()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                seen.put_nowait(transport)
+
+        running = asyncio.get_running_loop()
+        secure = await running.create_server(Probe, "127.0.0.1", 0, ssl=tls.context)
+        plain = await running.create_server(Probe, "127.0.0.1", 0)
+        raw = socket.socket()  # a client that reads nothing: the reply waits in the worker
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1460)
+        raw.setblocking(False)
+        await running.sock_connect(raw, secure.sockets[0].getsockname())
+        _, writer = await asyncio.open_connection(sock=raw, ssl=client_context(), server_hostname="a.test")
+        transport: Any = await asyncio.wait_for(seen.get(), 5)  # (uvloop's is no asyncio.Transport)
+        try:
+            under = tcp_under(transport)
+            assert under is not None and under is not transport
+            transport.write(b"x" * (1 << 20))  # the TLS layer hands it on whole, its own buffer empty
+            held = (transport.get_write_buffer_size(), under.get_write_buffer_size())
+            _, other = await asyncio.open_connection(*plain.sockets[0].getsockname())
+            served = await asyncio.wait_for(seen.get(), 5)
+            nothing = tcp_under(served)
+            for t in (served, other.transport):
+                t.abort()
+        finally:
+            for t in (transport, writer.transport):
+                t.abort()  # (a close waits for the client that reads nothing)
+            for server in (secure, plain):
+                server.close()
+        return type(under).__name__, held[0], f"{held[1] > 512 << 10} {nothing}"
+
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        name, own, rest = uvloop.run(run())
+    else:
+        name, own, rest = asyncio.run(run())
+    assert (own, rest) == (0, "True None"), (name, own, rest)
 
 
 def test_a_reload_takes_new_certificate_paths_but_not_new_addresses() -> None:

@@ -25,6 +25,7 @@ import socket
 import ssl
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -40,16 +41,16 @@ from tests.harness import Origin, Proxy, self_signed
 BIG = bytes(range(256)) * (12 * 1024)  # 3 MB: more than the sockets' buffers take
 
 
-def client_server(proxy: Proxy) -> ProxyServer:
-    for runner in proxy.listeners.runners:
-        if isinstance(runner.server, ProxyServer):
-            return runner.server
-    raise AssertionError("no client listener")
+def client_server(proxy: Proxy, listener: int = 0) -> ProxyServer:
+    """The server of the client listener ``listener`` (in the order of ``listen``)."""
+    servers = [r.server for r in proxy.listeners.runners if isinstance(r.server, ProxyServer)]
+    assert len(servers) > listener, "no such client listener"
+    return servers[listener]
 
 
-def client_connections(proxy: Proxy) -> int:
+def client_connections(proxy: Proxy, listener: int = 0) -> int:
     """Connections the client listener holds (gone from the list once their handler ended)."""
-    return len(client_server(proxy)._connections)
+    return len(client_server(proxy, listener)._connections)
 
 
 async def closed_count(proxy: Proxy, reason: str) -> float:
@@ -234,17 +235,22 @@ async def test_a_start_raises_the_soft_open_files_limit_to_the_hard_one(origin: 
 
 
 def slow_read(host: str, port: int, path: str, chunk: int, every: float, stop_after: int = 0,
-              stop_for: float = 0.0, hurry: threading.Event | None = None, mss: int = 0
+              stop_for: float = 0.0, hurry: threading.Event | None = None, mss: int = 0, tls: bool = False
               ) -> tuple[int, int, str]:
     """A client that reads ``chunk`` bytes of the answer to ``path`` every ``every`` seconds
     (once it has ``stop_after`` bytes, if set, reads nothing for ``stop_for`` seconds, then all
-    it can; once ``hurry`` is set, all it can; ``mss`` as ``unread``'s): the length announced,
-    the body bytes it got, and how it ended: ``whole``, ``eof`` or ``reset``."""
-    with socket.socket() as sock:
+    it can; once ``hurry`` is set, all it can; ``mss`` as ``unread``'s; ``tls``: over TLS): the
+    length announced, the body bytes it got, and how it ended: ``whole``, ``eof`` or ``reset``."""
+    with contextlib.ExitStack() as stack:
+        sock = stack.enter_context(socket.socket())
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
         if mss:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
         sock.connect((host, port))
+        if tls:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            sock = stack.enter_context(ctx.wrap_socket(sock))
         sock.sendall(f"GET {path} HTTP/1.1\r\nHost: a.test\r\n\r\n".encode())
         got, length, head = b"", -1, 0
         while True:
@@ -375,11 +381,14 @@ async def test_a_tls_listener_counts_handshakes_and_frees_what_the_cap_closes(
 MID = bytes(range(256)) * 1024  # 256 KB: the kernel's send queue takes it whole, writes never pause
 
 
-def _tls_client(port: int, rcvbuf: int = 0) -> ssl.SSLSocket:
-    """A TLS connection to ``port``, its handshake done (``rcvbuf``: a receive buffer that small)."""
+def _tls_client(port: int, rcvbuf: int = 0, mss: int = 0) -> ssl.SSLSocket:
+    """A TLS connection to ``port``, its handshake done (``rcvbuf``: a receive buffer that small;
+    ``mss``: the segment size it announces, as ``unread``'s)."""
     raw = socket.socket()
     if rcvbuf:
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    if mss:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
     raw.connect(("127.0.0.1", port))
     ctx = ssl.create_default_context()
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
@@ -898,18 +907,22 @@ async def test_past_max_unsent_replies_nobody_reads_are_reset_and_a_reader_is_se
             sock.close()
 
 
-async def test_past_max_unsent_a_client_reading_slowly_is_never_reset(make_proxy: MakeProxy,
-                                                                      origin: Origin) -> None:
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "tls"])
+async def test_past_max_unsent_a_client_reading_slowly_is_never_reset(make_proxy: MakeProxy, origin: Origin,
+                                                                      tmp_path: Path, tls: bool) -> None:
     # A reply its client reads, however slowly (~200 KB/s here, its writes paused most of the
     # time), keeps its connection while clients that read nothing keep the budget exceeded.
-    proxy = await make_proxy(config="admin: {listen: '127.0.0.1:0'}\nmax_unsent: 2MB\n" + MEMORY_ONLY)
+    # Over TLS too, where those clients' replies count once handed over (``tls_written``).
+    proxy = await make_proxy(config=(tls_listeners(tmp_path) if tls else "") + "admin: {listen: '127.0.0.1:0'}\n"
+                                    "max_unsent: 2MB\n" + MEMORY_ONLY)
     await stored_big(proxy, origin)
-    host, port = proxy.listeners.proxy_addresses[0]
-    reading = asyncio.ensure_future(asyncio.to_thread(slow_read, host, port, "/big", 16384, 0.08, mss=WAN_MSS))
+    host, port = proxy.listeners.proxy_addresses[1 if tls else 0]
+    reading = asyncio.ensure_future(asyncio.to_thread(slow_read, host, port, "/big", 16384, 0.08, mss=WAN_MSS,
+                                                      tls=tls))
     socks: list[socket.socket] = []
     try:
         while not reading.done():  # clients that read nothing keep coming: over the budget all along
-            socks.append(unread(proxy, "/big", mss=WAN_MSS))
+            socks.append(await asyncio.to_thread(unread_tls, port, "/big") if tls else unread(proxy, "/big", mss=WAN_MSS))
             await asyncio.sleep(0.25)
         assert await reading == (len(ONE_MB), len(ONE_MB), "whole")
         assert len(socks) >= 12  # (read over 3 s at least)
@@ -958,3 +971,100 @@ async def test_max_unsent_is_one_budget_for_all_the_client_listeners_of_a_worker
     finally:
         for sock in socks:
             sock.close()
+
+
+def tls_listeners(tmp_path: Path) -> str:
+    """A plain client listener (the first: ``Proxy.get``'s) and a TLS one (the second)."""
+    key, cert = self_signed(tmp_path, "budget", "a.test", "IP:127.0.0.1")
+    return f"listen: ['127.0.0.1:0', {{address: '127.0.0.1:0', tls: {{cert: '{cert}', key: '{key}'}}}}]\n"
+
+
+def held_in_worker(proxy: Proxy) -> int:
+    """``held_by_replies`` with what TLS connections hold in the TCP transports under them."""
+    return sum(c.buffered() for r in proxy.listeners.runners if isinstance(r.server, ProxyServer)
+               for c in r.server._connections)
+
+
+def unread_tls(port: int, path: str, fields: str = "") -> ssl.SSLSocket:
+    """``unread`` over TLS: its handshake done, a request for ``path`` sent, nothing read."""
+    sock = _tls_client(port, rcvbuf=4096, mss=WAN_MSS)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: a.test\r\n{fields}\r\n".encode())
+    return sock
+
+
+@pytest.mark.parametrize("path", ["fast", "general"])
+async def test_past_max_unsent_tls_replies_nobody_reads_are_reset_as_plain_ones_are(
+        make_proxy: MakeProxy, origin: Origin, tmp_path: Path, path: str) -> None:
+    # The loop's TLS layer hands what it encrypts to the TCP transport under it at once and
+    # pauses the writes only for what it holds itself: a 1 MB hit to a TLS client that reads
+    # nothing waited whole in that TCP transport's buffer, the writes never paused, and the
+    # budget never heard of it (40 such clients past a 1 MB budget: none reset, ~1 MB each
+    # held until send_timeout). Now it counts once its reply is handed over, as a paused one.
+    proxy = await make_proxy(config=tls_listeners(tmp_path) + "admin: {listen: '127.0.0.1:0'}\n"
+                                    "max_unsent: 8MB\n" + MEMORY_ONLY)
+    await stored_big(proxy, origin)
+    port = proxy.listeners.proxy_addresses[1][1]
+    first = await asyncio.to_thread(_tls_client, port)  # (the first hit on a listener is a general one)
+    assert (await asyncio.to_thread(_tls_get, first, "/big", True)).endswith(ONE_MB)
+    first.close()
+    assert await until(lambda: client_connections(proxy, 1) == 0, 5)
+    fast = client_server(proxy, 1).fast  # (the TLS listener's)
+    assert fast is not None
+    answered = fast.answered
+    fields = "Range: bytes=0-\r\n" if path == "general" else ""
+    socks = [await asyncio.to_thread(unread_tls, port, "/big", fields) for _ in range(40)]
+    try:
+        assert await until(lambda: budget_resets(proxy) > 0, 5), held_in_worker(proxy)
+        assert await until(lambda: held_in_worker(proxy) <= 8 << 20, 5), held_in_worker(proxy)
+        assert fast.answered - answered == (40 if path == "fast" else 0)  # (the path meant)
+        reset = budget_resets(proxy)
+        assert 40 - 14 <= reset <= 40 - 6, reset  # all but the ~8 that fit (~0.9 MB each)
+        assert await until(lambda: client_connections(proxy, 1) == 40 - reset, 5)
+        assert held_in_worker(proxy) > 4 << 20  # (not all of them: only down to the budget)
+        # The oldest (the longest unread) was reset: its client sees a reset, never an end.
+        # (its TCP connection read under TLS: Python's TLS reads a reset as an end, ragged EOF)
+        with socket.socket(fileno=os.dup(socks[0].fileno())) as tcp:
+            assert await asyncio.to_thread(how_it_ends, tcp, 5) == "reset"
+        assert await closed_count(proxy, "send_timeout") == 0
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+async def test_past_max_unsent_tls_replies_nobody_reads_are_reset_under_uvloop(origin: Origin, tmp_path: Path) -> None:
+    # `cachegate run` (uvloop's TLS, in C, as in production): its TLS transport hides the TCP
+    # transport under it, whose buffer the budget did not count even for paused writes.
+    from tests.harness import spawn_cachegate, write_config
+
+    origin.route("/big", body=ONE_MB, headers={"Cache-Control": "max-age=600"})
+    config = write_config(str(tmp_path), origin.url, tls_listeners(tmp_path) + "max_unsent: 4MB\n" + MEMORY_ONLY)
+    proc = await asyncio.to_thread(spawn_cachegate, ["run", "--config", config])
+    assert proc.admin_url is not None
+    port = int(next(line for line in proc.output if "proxy listening on https://" in line)
+               .split("https://", 1)[1].split()[0].rsplit(":", 1)[1])
+    socks: list[ssl.SSLSocket] = []
+
+    def resets() -> float:
+        with urllib.request.urlopen(proc.admin_url + "/metrics", timeout=5) as reply:
+            found = re.search(r'cachegate_client_connections_closed_total\{reason="max_unsent"\} ([\d.]+)',
+                              reply.read().decode())
+        return float(found.group(1)) if found else -1.0
+
+    try:
+        for _ in range(2):  # stored, then a hit on the TLS listener (its first: the general path)
+            first = await asyncio.to_thread(_tls_client, port)
+            assert (await asyncio.to_thread(_tls_get, first, "/big", True)).endswith(ONE_MB)
+            first.close()
+        for _ in range(20):  # ~20 MB unread, past the 4 MB budget
+            socks.append(await asyncio.to_thread(unread_tls, port, "/big"))
+        for _ in range(50):
+            if await asyncio.to_thread(resets) >= 12:
+                break
+            await asyncio.sleep(0.1)
+        assert 12 <= await asyncio.to_thread(resets) <= 20 - 2
+        with socket.socket(fileno=os.dup(socks[0].fileno())) as tcp:  # the longest unread: reset
+            assert await asyncio.to_thread(how_it_ends, tcp, 5) == "reset"
+    finally:
+        for sock in socks:
+            sock.close()
+        await asyncio.to_thread(proc.stop)
