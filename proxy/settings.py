@@ -1153,8 +1153,9 @@ class Settings:
                                               "while their writes are paused (their clients read slower "
                                               "than they are sent); past it, connections whose client has "
                                               "read none of its reply for a second are reset, the longest "
-                                              "unread first, until it is met (a reply being read, however "
-                                              "slowly, never is): [requests.md](requests.md#limits)",
+                                              "unread first, until it is met (one whose client read some of "
+                                              "it within the last second is not; a client reading in bursts "
+                                              "further apart can be): [requests.md](requests.md#limits)",
                                      byte_size(minimum=MB, why=" (null: no budget)", null="no budget"))
     # A request body is sent upstream as it arrives, on a pooled connection: without a limit, a
     # client that stalls mid-upload holds that connection for as long as it likes, and

@@ -1091,8 +1091,10 @@ class UnsentBudget:
     it is still over, the connections whose client has read none of its reply for
     ``CAP_STALLED`` (``reply_stalled``, as the connection cap decides it) are reset (``drop``),
     the longest unread first, until it is met: counted (``limited("max_unsent")``), and logged
-    once a walk, the lines summarised (one a minute at most, as the cap's). A reply being read,
-    however slowly, is never reset for the budget. If it is still over, the budget looks again
+    once a walk, the lines summarised (one a minute at most, as the cap's). A reply whose client
+    read some of it within the last ``CAP_STALLED`` is never reset for the budget; one read in
+    bursts further apart (64 KB every 1.5 s, ~43 KB/s) is reset between two of them while the
+    budget is exceeded. If it is still over, the budget looks again
     when the first of those not read could have stalled (``CAP_STALLED`` after its pause at
     most): one timer for the worker, and pauses meanwhile only add to ``total``. So beyond the
     budget a worker holds up to its transport's high-water mark on each connection that
