@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -32,7 +30,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy.config import Overrides, load_config
 from proxy.runtime import Runtime
 from proxy.web.server import Listeners, _bound, start_admin_listener, start_proxy_listeners
-from tests.ports import hold
+from tests.ports import HeldPort
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -54,7 +52,7 @@ class Origin:
         self.counts: collections.Counter[str] = collections.Counter()
         self.runner: web.AppRunner | None = None
         self.port = 0
-        self._hold: socket.socket | None = None  # the port, while stopped to be started again
+        self._held = HeldPort()  # the port, while stopped to be started again
         self.ssl_context: Any = None
 
     @property
@@ -98,7 +96,7 @@ class Origin:
         site = web.TCPSite(self.runner, "127.0.0.1", port or self.port, ssl_context=self.ssl_context)
         await site.start()
         self.port = _bound(self.runner)[0][1]
-        self._release()
+        self._held.release()
 
     async def stop(self, hold_port: bool = False) -> None:
         """Stop; with ``hold_port`` keep the port until the next ``start`` or ``stop``: for a
@@ -107,15 +105,9 @@ class Origin:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
-        self._release()
+        self._held.release()
         if hold_port and self.port:
-            with contextlib.suppress(OSError):  # taken already: the restart will say so
-                self._hold = hold(self.port)
-
-    def _release(self) -> None:
-        if self._hold is not None:
-            self._hold.close()
-            self._hold = None
+            self._held.keep(self.port)
 
 
 class Versions:

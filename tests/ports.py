@@ -37,6 +37,32 @@ def hold(port: int = 0, host: str = "127.0.0.1") -> socket.socket:
     return sock
 
 
+class HeldPort:
+    """One server's port, held while the server is down (stopped, to be started again on it):
+    the test Redis's and the test origin's (``tests.cluster.redis_server``, ``tests.harness``)."""
+
+    __slots__ = ("_sock",)
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = None
+
+    def keep(self, port: int = 0) -> int:
+        """Hold ``port`` (0: one the kernel picks) unless one is held already; the port held, or
+        ``port`` when another process has it already (the server's start will say so)."""
+        if self._sock is None:
+            try:
+                self._sock = hold(port)
+            except OSError:
+                return port
+        return int(self._sock.getsockname()[1])
+
+    def release(self) -> None:
+        """Let the port go: the server listens on it now, or is stopped for good."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
 class Ports:
     """Ports held until ``release`` or ``close``: a port nothing listens on (connections to it
     are refused) for as long as the test needs one, or a port for a server that the test starts

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests.ports import hold
+from tests.ports import HeldPort
 
 
 def redis_binary() -> str:
@@ -32,7 +32,7 @@ class RedisServer:
     def __init__(self, directory: str) -> None:
         self.directory = directory
         self.port = 0
-        self._hold: socket.socket | None = None  # the port, held while redis-server is down
+        self._held = HeldPort()  # the port, held while redis-server is down
         self._new_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = False
@@ -48,7 +48,7 @@ class RedisServer:
         for _ in range(5):
             if self._start_once():
                 self.started = True
-                self._release()
+                self._held.release()
                 return
             if self.started:
                 break  # a restart keeps its port: the nodes were configured with it
@@ -95,9 +95,8 @@ class RedisServer:
 
     def _new_port(self) -> None:
         """A port held (tests/ports.py) from now until redis-server listens on it."""
-        self._release()
-        self._hold = hold()
-        self.port = int(self._hold.getsockname()[1])
+        self._held.release()
+        self.port = self._held.keep()
 
     def _hold_port(self) -> None:
         """Keep the port while redis-server is down, so that a restart gets it back.
@@ -106,14 +105,7 @@ class RedisServer:
         (CI: an origin's "HTTP/1.1" answered the node, then the restart could not bind).
         The held port refuses connections as a stopped server does, and redis-server (with
         SO_REUSEADDR) still binds and listens on it (tests/ports.py)."""
-        if self._hold is None:
-            with contextlib.suppress(OSError):  # taken already: the restart will say so
-                self._hold = hold(self.port)
-
-    def _release(self) -> None:
-        if self._hold is not None:
-            self._hold.close()
-            self._hold = None
+        self._held.keep(self.port)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -136,9 +128,9 @@ class RedisServer:
     def close(self) -> None:
         """Stop for good: the port too."""
         self.stop()
-        self._release()
+        self._held.release()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.kill()
-            self._release()
+            self._held.release()
