@@ -42,6 +42,11 @@ class UpstreamError(CachegateError):
     # The upstream the failed request went to (the last one tried), for the access log's
     # ``upstream``; None when none was (all down, the stop).
     upstream: str | None = None
+    # It came in the response's body, after the origin's head (it broke off, fell silent past
+    # ``read``, ran past ``total``): the origin answered the request. Set where the body is
+    # read (``UpstreamResponse.iter_chunks``); every client of the fetch shares it
+    # (``proxy.flight.shares_failure``).
+    in_body = False
 
     def __init__(self, message: str = "", *, detail: str | None = None) -> None:
         super().__init__(message)

@@ -320,11 +320,11 @@ FlightOutcome = (Filled | Freshened | Passed | BrokeOff | Abandoned | Unreachabl
 
 def failed_fetch(error: UpstreamError) -> BrokeOff | Unreachable:
     """How a flight whose fetch failed without a head for its clients ends: ``BrokeOff`` when
-    the origin's body broke off (``UPSTREAM-BROKE-OFF``, the ``detail`` its clients are given:
-    it broke off in the read that brought its head, or in the fetch of the worker holding the
-    lease, whose error this worker was told), else ``Unreachable``. One origin fetch that broke
-    off was ``broke_off`` in the holder and ``unreachable`` in each worker waiting for it."""
-    return BrokeOff(error) if upstream_detail(error) == "UPSTREAM-BROKE-OFF" else Unreachable(error)
+    the origin's body failed (``UpstreamError.in_body``: it broke off in the read that brought
+    its head, or broke off or fell silent in the fetch of the worker holding the lease, whose
+    error this worker was told), else ``Unreachable``. One origin fetch whose body failed was
+    ``broke_off`` in the holder and ``unreachable`` in each worker waiting for it."""
+    return BrokeOff(error) if error.in_body else Unreachable(error)
 
 
 @dataclass(slots=True)
@@ -741,11 +741,10 @@ class MissPath:
         key = run.attempt.key
         match outcome:
             case Unreachable(error=error) | BrokeOff(error=error):
-                # They answer as this worker's followers do: stale-if-error or the error (a body
-                # that broke off is no answer either; fetched again, it would cost them the
-                # wait a second time, and the origin the request).
+                # They answer as this worker's followers do: stale-if-error or the error, or
+                # fetch once more when it came before the head (``shares_failure``).
                 leases.release(key, lease, "error", error.status_hint, str(error), upstream_detail(error),
-                               error.public_text())
+                               error.public_text(), error.in_body)
             case Freshened():
                 # They answer from the store, saying what the origin answered: its 304 (their
                 # Cache-Status ``fwd-status``, as this worker's own followers': ``_answer_from_store``).
@@ -815,9 +814,9 @@ class MissPath:
                             return
                         case "error":
                             error = _upstream_error(told["status"], told["message"], told.get("detail", ""),
-                                                    told.get("public", ""))
+                                                    told.get("public", ""), in_body=bool(told.get("in_body")))
                             if not again and run.attempt.stale is None and loop.time() < deadline \
-                                    and told.get("detail") not in SHARED_FAILURES:
+                                    and not shares_failure(error):
                                 # The holder's request failed, not ours: as the holder's own
                                 # followers (``fetches_again``), once more under the lease,
                                 # which one of the waiting workers takes.
@@ -1942,10 +1941,35 @@ class FromHead:
 NextStep = FromStore | StaleInstead | OnItsOwn | Relay | FromHead
 
 
-# The Cache-Status details of the failures every client of a fetch shares (``fetches_again``):
-# none that one request causes (an empty pool, the stop), or a body that broke off (its
-# waiters would wait for the origin twice: docs/upstreams.md).
-SHARED_FAILURES = frozenset({"NO-UPSTREAM", "STOPPING", "UPSTREAM-BROKE-OFF"})
+# The Cache-Status details of the failures every client of a fetch shares whenever they came
+# (``shares_failure``): none that one request causes (an empty pool, the stop).
+SHARED_FAILURES = frozenset({"NO-UPSTREAM", "STOPPING"})
+
+
+def shares_failure(error: UpstreamError) -> bool:
+    """Whether a failed fetch's error is the answer of every client that waited for it (this
+    worker's followers, and the other workers' clients waiting on its lease: ``_leased``)
+    rather than a reason for them to fetch once more (``fetches_again``).
+
+    Shared: ``SHARED_FAILURES``, and any failure after the origin's head (``in_body``): the
+    origin answered the request, then its body broke off, fell silent past ``read`` or ran
+    past ``total``. The followers given that head got the failure with it (as Varnish's
+    waiting list, streamed from one fetch); a waiter that fetched again waited a second time
+    for an origin that had just failed it, and gave it one more request.
+    Not shared: a failure before the head (a reset, an invalid response, a timeout, no free
+    pooled connection): the request went, and a field of it that is not in the key may be what
+    the origin failed on (one client's request must not decide every client's answer), or it
+    is one worker's own limit, which another may not meet; so once more, as one fetch.
+
+    >>> from proxy.http_client import UpstreamBodyError, UpstreamReadTimeout
+    >>> late = UpstreamReadTimeout("read timed out mid-body")
+    >>> late.in_body = True
+    >>> shares_failure(late), shares_failure(UpstreamReadTimeout("read timed out"))
+    (True, False)
+    >>> shares_failure(UpstreamBodyError("short")), shares_failure(NoUpstreamAvailable("all down"))
+    (True, True)
+    """
+    return error.in_body or upstream_detail(error) in SHARED_FAILURES
 
 
 def fetches_again(error: UpstreamError, *, collapsed: bool, again: bool, stale: bool, part: bool) -> bool:
@@ -1955,9 +1979,9 @@ def fetches_again(error: UpstreamError, *, collapsed: bool, again: bool, stale: 
     drop the connection); as nginx's ``proxy_cache_lock`` waiters send their own request when
     the holder stored nothing. Once only (``Attempt.again``); never with a stored response
     stale-if-error serves instead, nor for a range miss that joined the whole fill (each would
-    fetch its range alone), nor for ``SHARED_FAILURES``; the leader's error is its own."""
-    return (collapsed and not again and not stale and not part
-            and upstream_detail(error) not in SHARED_FAILURES)
+    fetch its range alone), nor for a failure every client shares (``shares_failure``); the
+    leader's error is its own."""
+    return collapsed and not again and not stale and not part and not shares_failure(error)
 
 
 def when_dispersed(status: int, *, stale: bool) -> StaleInstead | OnItsOwn:
@@ -2200,11 +2224,12 @@ def _stored_head(stored: StoredResponse, body_size: int, fetched: int | None = N
                       True, STORED_ELSEWHERE, body_size, stored.vary)
 
 
-def _upstream_error(status: int, message: str, detail: str = "", public: str = "") -> UpstreamError:
+def _upstream_error(status: int, message: str, detail: str = "", public: str = "",
+                    in_body: bool = False) -> UpstreamError:
     """The error another worker's fetch of the same key met, as this worker's own (its
-    Cache-Status ``detail`` too: an invalid response is not an unreachable origin), with the
-    text that worker's clients were given (``public``: "... (read timed out)" was theirs, the
-    class's shorter text this worker's)."""
+    Cache-Status ``detail`` too: an invalid response is not an unreachable origin; whether it
+    came after the origin's head, ``in_body``), with the text that worker's clients were given
+    (``public``: "... (read timed out)" was theirs, the class's shorter text this worker's)."""
     invalid = UpstreamBodyError if detail == "UPSTREAM-BROKE-OFF" else (
         UpstreamProtocolError if detail == "UPSTREAM-INVALID" else None)  # (what its client is told)
     cls = {503: NoUpstreamAvailable, 504: UpstreamTimeout}.get(status, invalid or UpstreamConnectError)
@@ -2213,6 +2238,8 @@ def _upstream_error(status: int, message: str, detail: str = "", public: str = "
         error.cache_detail = detail
     if public:
         error.public = public  # (public_text: the holder's, with its detail in it already)
+    if in_body:
+        error.in_body = True
     # That worker logged its failed fetch: one warning for the machine (``first_report``).
     error.reported = True
     return error

@@ -275,6 +275,7 @@ class UpstreamBodyError(UpstreamProtocolError):
     invalid response."""
 
     public = "the origin server's response body broke off (cut short, malformed or reset)"
+    in_body = True  # (in the read that brought its head too: a malformed body behind a valid head)
 
 
 class UpstreamOverrun(UpstreamProtocolError):

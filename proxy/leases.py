@@ -230,9 +230,10 @@ class LeaseTable:
             return self._tell(waiters, {"key": key, "token": token, **_head_word(flags, status)})
 
     def release(self, key: str, token: int, outcome: str, status: int = 0, message: str = "",
-                detail: str = "", public: str = "") -> Told:
+                detail: str = "", public: str = "", in_body: bool = False) -> Told:
         """The holder's fetch is over: the lease ends, and its waiters hear how it went (an error:
-        its status, message, Cache-Status ``detail`` and the text its clients were given)."""
+        its status, message, Cache-Status ``detail``, the text its clients were given, and
+        whether it came in the body, after the origin's head: ``UpstreamError.in_body``)."""
         fp = self._arena.fingerprint(key)
         with self._locked:
             found = self._find(fp)
@@ -248,6 +249,8 @@ class LeaseTable:
             event["detail"] = detail
         if public:
             event["public"] = public
+        if in_body:
+            event["in_body"] = True
         return self._tell(waiters, event)
 
     def ended(self, key: str, token: int) -> dict[str, Any] | None:
@@ -531,8 +534,8 @@ class LeaseClient:
         self._tell(self._table.head(key, lease.token, shareable, pass_, status))
 
     def release(self, key: str, lease: Granted, outcome: str, status: int = 0, message: str = "",
-                detail: str = "", public: str = "") -> None:
-        self._tell(self._table.release(key, lease.token, outcome, status, message, detail, public))
+                detail: str = "", public: str = "", in_body: bool = False) -> None:
+        self._tell(self._table.release(key, lease.token, outcome, status, message, detail, public, in_body))
 
     def _tell(self, told: Told) -> None:
         """Have the supervisor tell the waiters (only when there are some: a message each time)."""
@@ -555,7 +558,7 @@ class LeaseClient:
             await asyncio.wait(list(self._tasks), timeout=grace)
 
     async def _event(self, token: int, outcome: str, status: int = 0, message: str = "",
-                     key: str = "", detail: str = "", public: str = "") -> None:
+                     key: str = "", detail: str = "", public: str = "", in_body: bool = False) -> None:
         found = self._by_token.pop(token, None)
         if found is None:
             return  # a wait that already gave up
@@ -564,4 +567,4 @@ class LeaseClient:
             del self._waits[key]
         if not waiting.outcome.done():
             waiting.outcome.set_result({"outcome": outcome, "status": status, "message": message,
-                                        "detail": detail, "public": public})
+                                        "detail": detail, "public": public, "in_body": in_body})

@@ -290,10 +290,12 @@ class UpstreamResponse:
                 try:
                     chunk = await self._resp.read_chunk()
                 except UpstreamError as exc:
+                    exc.in_body = True  # (a timeout too: its head was an answer)
                     self._pool._body_error(self.upstream, exc)
                     raise
                 except (OSError, RuntimeError) as exc:
                     error = UpstreamConnectError(f"{self.upstream.name}: {exc}")
+                    error.in_body = True
                     self._pool._body_error(self.upstream, error)
                     raise error from exc
                 if not chunk:

@@ -631,6 +631,65 @@ async def test_a_fetch_whose_body_breaks_off_is_one_answer_for_both_workers(
     assert origin.count("/stale") == 2
 
 
+# (case, what the origin does once the head and the first 1,000 of 5,000 bytes are out)
+BODY_FAILURES = [("broke off", "UPSTREAM-BROKE-OFF", 502), ("fell silent", "UPSTREAM-TIMEOUT", 504)]
+
+
+@pytest.mark.parametrize(("case", "detail", "status"), BODY_FAILURES, ids=[c[0] for c in BODY_FAILURES])
+async def test_a_body_that_fails_after_its_head_costs_the_origin_one_request_for_both_workers(
+        tmp_path: Path, origin: Origin, case: str, detail: str, status: int) -> None:
+    """The origin sends the head, then its body breaks off or falls silent past ``read``: every
+    client of both workers gets that failure, from one origin request. The worker waiting on
+    the lease used to fetch again when the body fell silent (told UPSTREAM-TIMEOUT, which it took
+    for a failure before the head): the sick origin got a second request, and that worker's
+    clients waited for a second timeout. Each client's access-log line says what its headers
+    said: the error, ``collapsed`` for all but the one whose request went, whichever worker."""
+    stalled = asyncio.Event()
+
+    async def failing(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.5)  # every client has asked by now: one worker waits on the lease
+        resp = web.StreamResponse(headers={"Cache-Control": "max-age=60", "Content-Length": "5000"})
+        await resp.prepare(request)
+        await resp.write(b"n" * 1000)
+        if case == "broke off":
+            assert request.transport is not None
+            request.transport.abort()
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stalled.wait(), 10)
+        return resp
+
+    origin.route("/failing", failing)
+    proxy = ProxyProcess(str(tmp_path), write_config(str(tmp_path), origin.url, PATIENT + "access_log: true\n",
+                                                     "upstream: {timeouts: {read: 1s}}\n"))
+    await proxy.start("--workers", "2")
+    try:
+        await proxy.wait_for(lambda: bool(proxy.admin_url) and len(proxy.workers) == 2)
+        before = (await proxy.admin("GET", "/metrics")).body.decode()
+        results = answered(await herd(proxy.url, "/failing", 16))
+        stalled.set()
+        assert len(results) == 16 and {r.worker for r in results} == {"0", "1"}
+        went = f"cachegate; fwd=uri-miss; detail={detail}"
+        collapsed = went.replace("; detail", "; collapsed; detail")
+        told = Counter((r.status, r.x_cache, r.headers["Cache-Status"]) for r in results)
+        assert told == {(status, "MISS", went): 1, (status, "MISS", collapsed): 15}
+        assert origin.count("/failing") == 1
+        await proxy.wait_for(lambda: sum('"path":"/failing"' in line for line in proxy.lines) == 16, 10)
+        logged = [json.loads(line) for line in proxy.lines if '"path":"/failing"' in line]
+        assert Counter((e["status"], e["cache"], e["cache_status"]) for e in logged) == told
+        # Only the client whose request went names the upstream.
+        assert Counter((e["cache_status"], e["upstream"] is None) for e in logged) == {
+            (went, False): 1, (collapsed, True): 15}
+        metrics = (await proxy.admin("GET", "/metrics")).body.decode()
+        # One origin fetch whose body failed: so each worker's flight ended.
+        assert (flights(metrics, "broke_off") - flights(before, "broke_off"),
+                flights(metrics, "unreachable") - flights(before, "unreachable")) == (2, 0)
+        assert counter(metrics, "cachegate_coalesced_requests_total") == 15
+    finally:
+        stalled.set()
+        await proxy.stop()
+
+
 async def wait_until(condition: Callable[[], bool], within: float = 10.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within

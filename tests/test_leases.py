@@ -138,6 +138,13 @@ def test_an_error_reaches_the_waiters_with_its_status(table: tuple[LeaseTable, C
                      detail="UPSTREAM-BROKE-OFF")  # what its clients' Cache-Status says
     assert told == [(1, {"key": "j", "token": 2, "outcome": "error", "status": 502,
                          "message": "body broke off", "detail": "UPSTREAM-BROKE-OFF"})]
+    t.acquire(0, "i")
+    t.acquire(1, "i")
+    # A body that fell silent after its head: said so, for the waiters to take it (not fetch again).
+    told = t.release("i", token=3, outcome="error", status=504, message="read timed out mid-body",
+                     detail="UPSTREAM-TIMEOUT", in_body=True)
+    assert told == [(1, {"key": "i", "token": 3, "outcome": "error", "status": 504,
+                         "message": "read timed out mid-body", "detail": "UPSTREAM-TIMEOUT", "in_body": True})]
 
 
 def test_a_dead_holder_ends_its_leases_and_a_dead_waiter_is_forgotten(table: tuple[LeaseTable, Clock]) -> None:
@@ -310,7 +317,7 @@ async def test_a_waiter_that_hears_nothing_finds_the_lease_over_in_the_table(
         wait = asyncio.ensure_future(client.wait("w", waiting, loop.time() + 30))
         await client._event(waiting.token, "error", 504, "timed out", "w")
         assert await wait == {"outcome": "error", "status": 504, "message": "timed out", "detail": "",
-                          "public": ""}
+                          "public": "", "in_body": False}
         client.forget("w", waiting)
         # A word that comes after the table showed the lease over, but soon, is still the answer.
         granted, _ = t.acquire(0, "v")

@@ -328,6 +328,7 @@ class FakeLeases:
         self.answers = list(answers)
         self.released: list[tuple[str, int, str]] = []  # (key, token, outcome)
         self.details: list[str] = []  # the Cache-Status detail of each release ("" but for an error)
+        self.in_body: list[bool] = []  # whether each release's error came after the origin's head
         self.heads: list[tuple[str, bool]] = []
         self.fetch_froms: list[tuple[str, float]] = []  # (key, delay): ``LeaseTable.fetch_from``
 
@@ -367,9 +368,10 @@ class FakeLeases:
         self.fetch_froms.append((key, delay))
 
     def release(self, key: str, lease: Granted, outcome: str, status: int = 0, message: str = "",
-                detail: str = "", public: str = "") -> None:
+                detail: str = "", public: str = "", in_body: bool = False) -> None:
         self.released.append((key, lease.token, outcome))
         self.details.append(detail)
+        self.in_body.append(in_body)
 
 
 def told(outcome: str, **more: Any) -> Waiting:

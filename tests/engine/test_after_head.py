@@ -130,6 +130,8 @@ def test_what_a_client_of_a_flight_does_once_it_has_its_head(
 # -- a flight without a head (``proxy.flight.fetches_again``) ------------------------------------
 
 RESET = UpstreamConnectError("closed the connection before answering")
+BODY_TIMEOUT = UpstreamTimeout("read timed out mid-body")
+BODY_TIMEOUT.in_body = True
 # (case, error, collapsed, again, stale, part, fetches again)
 FAILURES: list[tuple[str, UpstreamError, bool, bool, bool, bool, bool]] = [
     ("a follower of a fetch the origin reset", RESET, True, False, False, False, True),
@@ -143,6 +145,8 @@ FAILURES: list[tuple[str, UpstreamError, bool, bool, bool, bool, bool]] = [
     ("an empty pool: no request caused it", NoUpstreamAvailable("all down"), True, False, False, False, False),
     ("the stop", ProxyStopping("cut off"), True, False, False, False, False),
     ("a body that broke off", UpstreamBodyError("short"), True, False, False, False, False),
+    ("a body that fell silent after its head (the worker holding the lease's)", BODY_TIMEOUT,
+     True, False, False, False, False),
 ]
 
 

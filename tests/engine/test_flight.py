@@ -274,6 +274,7 @@ async def test_a_lease_is_released_with_how_the_flight_ended(
         assert with_error
     await rig.settled(**{outcome: 1})
     assert leases.released == [(key_of(rig, "/a"), 5, released)]
+    assert leases.in_body == [outcome == "broke_off"]  # (the waiters take a failed body as theirs)
     if outcome == "passed":  # told at once, with the head, that they must fetch for themselves
         assert leases.heads == [(key_of(rig, "/a"), False)]
     await rig.engine.close()
@@ -357,14 +358,25 @@ async def test_after_another_worker_s_origin_error_this_worker_may_be_the_one_to
     await rig.engine.close()
 
 
-@pytest.mark.parametrize("detail", ["NO-UPSTREAM", "UPSTREAM-BROKE-OFF"])
-async def test_what_no_request_causes_or_a_broken_body_is_shared_at_once(tmp_path: Path, detail: str) -> None:
+# (the holder's error: detail, status, after the origin's head; how this worker's flight ends)
+SHARED_AT_ONCE = [("NO-UPSTREAM", 503, False, "unreachable"), ("UPSTREAM-BROKE-OFF", 502, True, "broke_off"),
+                  ("UPSTREAM-TIMEOUT", 504, True, "broke_off")]
+
+
+@pytest.mark.parametrize(("detail", "status", "in_body", "outcome"), SHARED_AT_ONCE,
+                         ids=[c[0] for c in SHARED_AT_ONCE])
+async def test_what_no_request_causes_or_a_failed_body_is_shared_at_once(
+        tmp_path: Path, detail: str, status: int, in_body: bool, outcome: str) -> None:
+    """A body that broke off or fell silent after the origin's head, in the worker holding the
+    lease, is this worker's answer too (its clients and its followers), as for the holder's own
+    followers: fetched again, it cost the origin a second request and them a second wait."""
     rig = make_rig(tmp_path)
-    status = 503 if detail == "NO-UPSTREAM" else 502
-    rig.engine.leases = FakeLeases(told("error", status=status, message="x", detail=detail))
+    rig.engine.leases = FakeLeases(told("error", status=status, message="x", detail=detail, in_body=in_body))
     rig.origin.route("/a", answer(body=b"never asked"))
-    reply = await rig.get("/a")
-    assert reply.status == status and f"detail={detail}" in dict(reply.headers)["Cache-Status"]
+    replies = await asyncio.gather(rig.get("/a"), rig.get("/a"))
+    for reply in replies:
+        assert reply.status == status and f"detail={detail}" in dict(reply.headers)["Cache-Status"]
+    await rig.settled(**{outcome: 1})
     assert rig.origin.sent == []
     await rig.engine.close()
 
