@@ -31,7 +31,7 @@ import struct
 import termios
 from collections.abc import Awaitable, Callable, Iterable
 from operator import attrgetter
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http import HttpVersion11
@@ -46,6 +46,7 @@ from proxy.room import human_size
 from proxy.web.heads import from_response
 from proxy.web.lingering import Lingering
 from proxy.web.refusals import refusal_logged
+from proxy.web.tlsslices import SlicedTLS
 
 log = logging.getLogger("cachegate.server")
 
@@ -389,7 +390,7 @@ class LimitedHandler(HeadTimedHandler):
 
     __slots__ = ("_closing", "_finished", "_found_at", "_graced", "_half_closed", "_handled",
                  "_hold_handle", "_linger_for", "_lingering", "_max_connections", "_moved_at", "_opened",
-                 "_raw", "_raw_high", "_send_handle", "_send_timeout", "_started", "_unsent")
+                 "_raw", "_raw_high", "_send_handle", "_send_timeout", "_started", "_tls", "_unsent")
 
     def __init__(self, manager: web.Server, *, max_connections: int, send_timeout: float = 0.0,
                  lingering: tuple[float, float] = (0.0, 0.0), **kwargs: Any) -> None:
@@ -430,8 +431,16 @@ class LimitedHandler(HeadTimedHandler):
         # high-water mark: None for a plain one.
         self._raw: Any = None
         self._raw_high = 0
+        # A TLS connection's transport, which hands large writes to its TLS layer in slices
+        # (``proxy.web.tlsslices``): the handler's ``transport`` itself. None for a plain one.
+        self._tls: SlicedTLS | None = None
 
     def pause_writing(self) -> None:
+        tls = self._tls
+        if tls is not None:
+            tls.held = True
+            if self._paused:
+                return  # (paused still: the TLS layer paused again while the rest of a reply was fed)
         super().pause_writing()
         self._sampled(self.unsent())
         budget = self.unsent_budget()
@@ -439,6 +448,11 @@ class LimitedHandler(HeadTimedHandler):
             budget.paused(self)
 
     def resume_writing(self) -> None:
+        tls = self._tls
+        if tls is not None:
+            tls.held = False
+            if tls.feed() or tls.held:
+                return  # (the rest of a reply paused the TLS layer again: the writes stay paused)
         super().resume_writing()
         budget = self.unsent_budget()
         if budget is not None and not self.raw_held():  # (a TLS one: ``tls_written``)
@@ -496,7 +510,7 @@ class LimitedHandler(HeadTimedHandler):
             budget.resumed(self)
         super().connection_lost(exc)
         self._closing = None  # (gone from the server's list: counted no more)
-        self._raw = None
+        self._raw = self._tls = None
 
     def _send_ended(self) -> None:
         handle = self._send_handle
@@ -701,6 +715,7 @@ class LimitedHandler(HeadTimedHandler):
         raw = tcp_under(transport)
         if raw is not None:
             self._raw, self._raw_high = raw, raw.get_write_buffer_limits()[1]
+            self.transport = self._tls = SlicedTLS(cast(asyncio.Transport, transport))
         handle, every = self._keepalive_handle, self.check_every()
         if handle is not None and every < self._keepalive_timeout:  # (aiohttp's: at the timeout)
             handle.cancel()

@@ -1118,3 +1118,103 @@ async def test_a_slow_reader_over_tls_gets_the_whole_body_after_cachegate_closes
         assert all(g == body[:size] for g, size in zip(got, sizes, strict=True))
     finally:
         await asyncio.to_thread(proc.stop)
+
+
+def _rss(pid: int) -> int:
+    """The resident memory of process ``pid``, in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("scheme", "bound"), [("http", 10 << 20), ("https", 25 << 20)])
+async def test_idle_connections_do_not_keep_the_largest_reply_they_were_sent(
+        origin: Origin, tmp_path: Path, certs: Certs, scheme: str, bound: int) -> None:
+    """50 clients each read a 1 MB memory hit to the end (half on the fast path, half on the
+    general one: a Range of all of it) and stay connected, idle: the worker grows by well under
+    the bodies' size.
+
+    The general path's reply kept its body after it was sent, for as long as its connection
+    stayed idle (aiohttp's loop holds a connection's last reply): +51 MB here, plain or TLS.
+    Over TLS, the loop's TLS layer encrypts each write whole into the connection's outgoing
+    memory BIO, which grows to the most it held and never shrinks: ~1.3 MB a connection, on
+    either path (+67 MB here). After: plain +2 MB; TLS ~+15 MB, mostly the loop's own 256 KB
+    read buffer of each TLS connection."""
+    from tests.harness import spawn_cachegate, write_config
+
+    body = os.urandom(1 << 20)
+    origin.route("/big", body=body, headers=CC)
+    config = write_config(str(tmp_path), origin.url,
+                          tls_config(certs, "cache: {memory: 64MB, memory_max_object: 2MB}\n"))
+    proc = await asyncio.to_thread(spawn_cachegate, ["run", "--config", config])
+    conns: list[Conn] = []
+    try:
+        url = next(line.split("proxy listening on ", 1)[1].split()[0] for line in proc.output
+                   if f"proxy listening on {scheme}:" in line)
+
+        async def read_whole(ranged: bool) -> None:
+            conn = await Conn.open(url)
+            conns.append(conn)
+            extra = "Range: bytes=0-\r\n" if ranged else ""
+            conn.writer.write(f"GET /big HTTP/1.1\r\nHost: example.test\r\n{extra}\r\n".encode())
+            head = await asyncio.wait_for(conn.reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 206" if ranged else b"HTTP/1.1 200"), head
+            assert await asyncio.wait_for(conn.reader.readexactly(len(body)), 10) == body
+
+        for ranged in (False, False, True):  # the fill, then a hit on either path
+            await read_whole(ranged)
+        await asyncio.sleep(0.3)
+        before = _rss(proc.proc.pid)
+        for n in range(50):
+            await read_whole(n % 2 == 1)
+        await asyncio.sleep(0.5)
+        grown = _rss(proc.proc.pid) - before
+        assert grown < bound, f"50 idle {scheme} connections after a 1 MB hit each: +{grown >> 20} MB"
+    finally:
+        for conn in conns:
+            conn.close()
+        await asyncio.to_thread(proc.stop)
+
+
+def _pipelined_slowly(url: str, requests: bytes, pause: float) -> bytes:
+    """Send ``requests`` at once on a TLS connection with a small receive buffer, read nothing
+    for ``pause`` seconds, then read to the end (the last request closes the connection)."""
+    host, port = url.split("://")[1].rsplit(":", 1)
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    raw.connect((host, int(port)))
+    raw.settimeout(30)
+    with client_context().wrap_socket(raw, server_hostname="a.test") as conn:
+        conn.sendall(requests)
+        time.sleep(pause)
+        data = bytearray()
+        while chunk := conn.recv(1 << 16):
+            data += chunk
+    return bytes(data)
+
+
+async def test_replies_queued_behind_a_large_one_over_tls_come_whole_and_in_order(
+        origin: Origin, make_proxy: MakeProxy, certs: Certs) -> None:
+    """A large reply goes to the TLS layer in slices while it takes them; what is written after
+    it (here the general path's next replies, behind the fast path's first) waits behind the
+    rest, never between, and a close hands the rest over before it."""
+    big, small = os.urandom(3 << 20), b"small body"
+    origin.route("/big", body=big, headers=CC)
+    origin.route("/small", body=small, headers=CC)
+    proxy = await make_proxy(config=tls_config(certs, "cache: {memory: 64MB, memory_max_object: 4MB}\n"))
+    tls_url = proxy.listeners.proxy_urls[1]
+    conn = await Conn.open(tls_url)
+    try:
+        assert (await conn.get("/big"))[2] == big and (await conn.get("/small"))[2] == small  # the fills
+    finally:
+        conn.close()
+    asks = [("/big", ""), ("/big", "Range: bytes=1-\r\n"), ("/small", ""), ("/big", "Connection: close\r\n")]
+    requests = b"".join(f"GET {p} HTTP/1.1\r\nHost: example.test\r\n{extra}\r\n".encode() for p, extra in asks)
+    bodies = [big, big[1:], small, big]
+    got = await asyncio.to_thread(_pipelined_slowly, tls_url, requests, 1.0)
+    for body in bodies:
+        head, _, got = got.partition(b"\r\n\r\n")
+        length = int(re.search(rb"\r\nContent-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
+        assert (length, got[:length]) == (len(body), body), head
+        got = got[length:]
+    assert got == b""

@@ -19,8 +19,10 @@ about 3 MB), far past it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -122,3 +124,50 @@ async def test_pipelined_bodiless_replies_to_a_client_that_never_reads_stay_boun
     finally:
         sock.close()
     assert origin.count("/obj") == 1
+
+
+@pytest.mark.slow
+async def test_pipelined_heads_over_tls_to_a_client_that_never_reads_stay_bounded(
+    make_proxy: MakeProxy, origin: Origin, tmp_path: Path
+) -> None:
+    """The same over TLS, where the writes pause only for what the TLS layer holds itself: the
+    replies wait in its outgoing buffer once the TCP transport under it is paused, and its own
+    mark was 512 KB (a plain transport's: 64 KB). It is a plain transport's now
+    (``proxy.web.tlsslices``): what the connection holds in the worker, the TLS layer's and the
+    TCP transport's buffers together, stays within the two marks and a reply."""
+    from tests.ops.test_tls import Certs, client_context, tls_config
+
+    certs = Certs(tmp_path)
+    origin.route("/obj", body=os.urandom(100_000), headers={"Cache-Control": "max-age=3600"})
+    proxy = await make_proxy(config=tls_config(certs))
+    tls_url = proxy.listeners.proxy_urls[1]
+    assert (await proxy.get("/obj", headers={"Host": "shop.example"})).status == 200
+    host, port = tls_url.removeprefix("https://").rsplit(":", 1)
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect((host, int(port)))
+    sock = await asyncio.to_thread(client_context().wrap_socket, raw, server_hostname="a.test")
+    server: Any = proxy.listeners.runners[1].server
+    handler = next(h for h in server.connections if h.peername == sock.getsockname())
+    handler.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    request = b"HEAD /obj HTTP/1.1\r\nHost: shop.example\r\n\r\n"
+
+    def send() -> None:
+        with contextlib.suppress(OSError):  # (closed below once the worker stopped reading)
+            sock.sendall(request * REQUESTS)
+
+    sending = asyncio.ensure_future(asyncio.to_thread(send))
+    peak = 0
+    try:
+        for _ in range(20_000):
+            await asyncio.sleep(0.0005)
+            peak = max(peak, handler.buffered())
+            if handler.writing_paused and handler._drain_waiter is not None and not handler.transport.is_reading():
+                break
+        else:
+            raise AssertionError(f"never paused: the worker held {peak} bytes of replies")
+        assert peak <= 2 * 65536 + SLACK, f"the worker held {peak} bytes of replies"
+    finally:
+        sock.shutdown(socket.SHUT_RDWR)
+        await sending
+        sock.close()
