@@ -327,7 +327,9 @@ class LimitedHandler(HeadTimedHandler):
     (``reply_stalled``: nothing acknowledged for ``CAP_STALLED`` seconds), else the new one. So
     connections someone opens by the thousand cannot run the process out of file descriptors,
     nor lock out a client that comes later: a request that arrived whole and is being answered
-    (or queued to be), and a reply its client is reading, however slowly, keep their place. A
+    (or queued to be), and a reply its client read some of within the last ``CAP_STALLED``
+    second, keep their place (the last second counts, not the pace: a client reading in bursts
+    further apart has stalled between two). A
     paused reply that made no progress (``unsent`` did not shrink) for ``send_timeout`` seconds
     has its connection reset (nginx: ``send_timeout``, between two successive writes): without
     it, each such connection held what its reply had left to send for as long as the client
@@ -818,9 +820,10 @@ class LimitedHandler(HeadTimedHandler):
 
     def reply_stalled(self) -> bool:
         """A reply (or pipelined ones) its client has not read any of for ``CAP_STALLED``
-        seconds: it waits for the client as much as an idle connection. One the client is
-        reading, however slowly, is being answered: the cap never closes it. (Only a reply
-        being sampled can have stalled: the walk looks at no other's kernel queue.)"""
+        seconds: it waits for the client as much as an idle connection. One the client read
+        some of within that second is being answered: the cap does not close it (one read in
+        bursts further apart has stalled between two). (Only a reply being sampled can have
+        stalled: the walk looks at no other's kernel queue.)"""
         return (self._send_handle is not None or self.not_reading()) and not self.reply_moved(CAP_STALLED)
 
     def reply_pending(self) -> bool:
