@@ -32,7 +32,9 @@ def test_check_warns_of_a_cgroup_limit_that_leaves_too_little_beside_cache_memor
         assert (f"{config}:5: warning: the memory limit of this process's cgroup (200 MB: a container's, a "
                 "unit's MemoryMax=) is less than cachegate needs: cache.memory 32 MB + 3 processes (2 workers "
                 "and the supervisor) x 100 MB = 332 MB; under load the kernel's OOM killer would end a worker: "
-                "raise the limit to 332 MB or more, or set cache.memory or workers lower") \
+                "raise the limit to 332 MB or more, or set cache.memory or workers lower (what clients that "
+                "stop reading hold, up to max_unsent x 2 a worker, and open TLS connections, up to about "
+                "400 KB each, come on top: a bound under attack, not counted here)") \
             in done.stdout + done.stderr
         cgroup.set_limit(332 * MB)
         done = check(config, cgroup.enter())
