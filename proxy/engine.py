@@ -216,6 +216,13 @@ class Sent:
     monotonic: float  # time.monotonic(): no step of the system clock moves it
 
 
+# Upstream errors of a request sent that waited for its head in vain: in the latency histogram at
+# the time they waited (a lower bound of the origin's time to answer). Left out, an origin that
+# hangs past timeouts.read showed no latency at all; a refused or failed connection sent nothing
+# to wait for, and at its few milliseconds would draw a failing origin as a fast one.
+TIMED_OUT_WAITING = frozenset({"read_timeout", "total_timeout"})
+
+
 class Engine:
     def __init__(
         self,
@@ -981,7 +988,10 @@ class Engine:
                                         on_interim)
         except UpstreamError as exc:
             if exc.upstream is not None:  # the access log names the upstream that failed
-                note_upstream(exc.upstream, time.monotonic() - started)
+                took = time.monotonic() - started
+                note_upstream(exc.upstream, took)
+                if error_kind(exc) in TIMED_OUT_WAITING:
+                    self.metrics.upstream_latency.labels(exc.upstream).observe(took)
             raise
         name = resp.upstream.name
         took = time.monotonic() - started
@@ -1061,7 +1071,7 @@ class Engine:
         except Exception:
             if len(urls) == 1:
                 log.exception("invalidation of %s failed", urls[0])
-                self.metrics.storage_errors.labels("invalidate").inc()
+                self._invalidation_failed()
                 return
             # One URL the store refuses must not keep the others (the target first) stored.
             for url in urls:
@@ -1069,7 +1079,13 @@ class Engine:
                     await self._invalidate_now((url,))
                 except Exception:
                     log.exception("invalidation of %s failed", url)
-                    self.metrics.storage_errors.labels("invalidate").inc()
+                    self._invalidation_failed()
+
+    def _invalidation_failed(self) -> None:
+        """An unsafe method's invalidation of a URL failed: a storage error, and a purge of kind
+        ``invalidation`` that failed (as the admin API's and PURGE's failures are counted)."""
+        self.metrics.storage_errors.labels("invalidate").inc()
+        self.metrics.purge_failures.labels("invalidation").inc()
 
     async def _invalidate_now(self, urls: Sequence[str]) -> None:
         await self._invalidate_hook(urls)

@@ -71,11 +71,13 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 # Families that only the supervisor's numbers describe (workers forward these to it).
 SUPERVISOR_ONLY = frozenset({"cachegate_config_reloads", "cachegate_purges", "cachegate_purged_entries",
                              "cachegate_admin_unauthorized", "cachegate_admin_refused",
+                             # the supervisor restarts workers: theirs is always 0
+                             "cachegate_worker_restarts",
                              # one value for the whole: the build, the start, the open-files limit
                              "cachegate_build_info", "process_start_time_seconds", "process_max_fds"})
 # Families describing the machine's shared memory and disk tier: the supervisor's figures, once.
 SHARED_TIER = frozenset({"cachegate_cache_entries", "cachegate_cache_bytes", "cachegate_evictions",
-                         "cachegate_write_behind_lost"})
+                         "cachegate_write_behind_lost", "cachegate_cache_budget_bytes"})
 # Families describing each worker's own upstream pool: workers only, never the supervisor's.
 # cachegate_fast_path_enabled too: the processes with client listeners (0.5: half of them).
 WORKER_ONLY = frozenset({"cachegate_upstream_up", "cachegate_upstream_in_flight",
@@ -115,11 +117,16 @@ KNOWN_LABELS: dict[str, tuple[str, ...]] = {
     # why a 304 to a revalidation was not used: ``proxy.flight.MissPath._origin``
     "cachegate_unusable_304s": ("validator", "purged"),
     "cachegate_purges": ("url", "prefix", "tag", "all", "invalidation"),  # ``PurgeSpec.kinds``
+    "cachegate_purge_failures": ("url", "prefix", "tag", "all", "invalidation"),  # the same kinds
     # where a body came from: ``proxy.web.frontend.TIERS``
     "cachegate_response_bytes": ("memory", "disk", "upstream", "none"),
     # where this process ran out of descriptors opening a connection: ``proxy.upstream.EXHAUSTED_WHERE``
     "cachegate_out_of_resources": ("upstream_connect", "health_check"),
 }
+
+# cachegate_worker_restarts_total's reasons (``Supervisor._ended``), at 0 for every configured
+# worker from the start (the supervisor's: it knows the workers).
+WORKER_END_REASONS = ("signal", "oom", "exit", "hung")
 
 # A snapshot: [[family name, type, help, [[sample name, {labels}, value], ...]], ...]
 Snapshot = list[list[Any]]
@@ -189,6 +196,41 @@ class LeanCounter(Collector):
 
 
 Counter = LeanCounter
+
+# cachegate_responses_total's classes always exported (at 0 from the start: KNOWN_LABELS says why);
+# a status of another class (an origin's 6xx to 9xx, relayed) appears with its first answer.
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+class StatusClassCounter(Collector):
+    """cachegate_responses_total: the answers of the client listeners by status class, one int
+    per class in ``counts``, indexed by ``status // 100`` (a status is 100-999). The request
+    paths add to ``counts[status // 100]`` directly: a list store, no label lookup, no call
+    (the fast path's hits are the most frequent answers there are)."""
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry | None = None) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.counts = [0] * 10
+        if registry is not None:
+            registry.register(self)
+
+    def add(self, status: int) -> None:
+        """Count an answer of ``status`` (the paths that are not hot call this)."""
+        self.counts[status // 100] += 1
+
+    def values(self) -> dict[str, int]:
+        """Answers by class: every one of STATUS_CLASSES, and any other class once seen."""
+        return {f"{i}xx": n for i, n in enumerate(self.counts) if 1 <= i <= 5 or n}
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation, labels=["code"])
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=["code"])
+        for code, n in self.values().items():
+            family.add_metric([code], n)
+        yield family
 
 # Client request durations: a fresh memory hit takes tens of microseconds, a miss what the
 # origin takes, so the buckets start well below LATENCY_BUCKETS' first (1 ms).
@@ -272,6 +314,12 @@ class Metrics:
         r = self.registry
         self.requests = Counter("cachegate_requests", "Client requests by cache status and method",
                                 ["cache_status", "method"], registry=r)
+        self.responses = StatusClassCounter(
+            "cachegate_responses",
+            "Answers of the client listeners by status class (code: 1xx to 5xx), as the access log's "
+            "status: cachegate's own error pages and refusals, the parser's refusals and the 408 of a "
+            "head not whole in time included; 499 (the client left before its answer was whole) is a 4xx",
+            registry=r)
         self.response_bytes = Counter("cachegate_response_bytes", "Body bytes sent to clients by source",
                                       ["tier"], registry=r)
         self.upstream_requests = Counter("cachegate_upstream_requests", "Requests sent upstream",
@@ -291,6 +339,18 @@ class Metrics:
             "their lifetime and 60 s (the origin's clock is behind: cache.apparent_age), by upstream",
             ["upstream"], registry=r)
         self.purges = Counter("cachegate_purges", "Purge operations by kind", ["kind"], registry=r)
+        self.purge_failures = Counter(
+            "cachegate_purge_failures",
+            "Purges answered failed (the admin API's and PURGE's 503 or 500: a full disk, the supervisor "
+            "or the cluster not answering) and unsafe methods' invalidations that failed, by kind",
+            ["kind"], registry=r)
+        self.worker_restarts = Counter(
+            "cachegate_worker_restarts",
+            "Worker processes that ended without the supervisor stopping them, by worker and reason: "
+            "signal (killed by a signal, not put down to the OOM killer), oom (a SIGKILL put down to "
+            "the kernel's OOM killer), exit (exited with a status), hung (killed by the supervisor: "
+            "no answer to its pings, not ready in time, or a purge not acknowledged)",
+            ["worker", "reason"], registry=r)
         self.purged_entries = Counter("cachegate_purged_entries", "Entries removed or marked stale by purges",
                                       registry=r)
         self.purge_refused = Counter("cachegate_purge_refused",
@@ -347,7 +407,7 @@ class Metrics:
             ["cache_status"], REQUEST_BUCKETS, registry=r)
         self.live = LiveStats()
         for family in (self.reloads, self.storage_errors, self.admin_refused, self.purge_refused,
-                       self.slow_readers, self.not_stored, self.flights, self.purges,
+                       self.slow_readers, self.not_stored, self.flights, self.purges, self.purge_failures,
                        self.response_bytes, self.out_of_resources, self.client_closed, self.unusable_304s):
             for value in KNOWN_LABELS[family.name]:
                 family.labels(value)  # at 0 from the start (KNOWN_LABELS)
@@ -430,6 +490,16 @@ class Metrics:
         """Every sample of this process's registry, as JSON-ready lists (sent to the supervisor)."""
         return snapshot_of(self.registry.collect())
 
+    def sent_upstream(self) -> int:
+        """Requests sent upstream so far: those answered with a head and those that got none (a
+        timeout, a refused connection), as the documented error rate counts them: an error kind
+        that got a head (``status_*``, ``body_*``) is among the answered already, and a
+        ``pool_wait`` sent nothing. The answered alone read an origin that hangs as offload 1."""
+        answered = sum(self.upstream_requests.values().values())
+        failed = sum(n for (_, kind), n in self.upstream_errors.values().items()
+                     if kind != "pool_wait" and not kind.startswith(("status_", "body_")))
+        return int(answered + failed)
+
     def request_counts(self) -> dict[str, int]:
         """Client requests so far by X-Cache-Status (all methods together)."""
         out: dict[str, int] = {}
@@ -457,20 +527,29 @@ class _FunctionCollector(Collector):
         return self._collect()
 
 
-def tier_families(entries: dict[str, int], size: dict[str, int], evictions: dict[str, int]
-                  ) -> Iterator[Metric]:
+def tier_families(entries: dict[str, int], size: dict[str, int], evictions: dict[str, int],
+                  budget: dict[str, int]) -> Iterator[Metric]:
     e = GaugeMetricFamily("cachegate_cache_entries", "Stored keys per tier", labels=["tier"])
     b = GaugeMetricFamily("cachegate_cache_bytes", "Stored bytes per tier", labels=["tier"])
     ev = CounterMetricFamily("cachegate_evictions", "Evictions per tier", labels=["tier"])
+    cap = GaugeMetricFamily("cachegate_cache_budget_bytes",
+                            "The bytes each tier may hold, the most cachegate_cache_bytes reaches: "
+                            "memory, the shared memory's ring (cache.memory less each process's "
+                            "decoded cache and the ring's index); disk, the shards' budget in force "
+                            "(cache.disk.size less the index's and journals' share). As running: a "
+                            "new cache.memory or cache.disk.size applies at a restart", labels=["tier"])
     for tier, n in entries.items():
         e.add_metric([tier], n)
     for tier, n in size.items():
         b.add_metric([tier], n)
     for tier, n in evictions.items():
         ev.add_metric([tier], n)
+    for tier, n in budget.items():
+        cap.add_metric([tier], n)
     yield e
     yield b
     yield ev
+    yield cap
 
 
 def snapshot_of(families: Iterable[Metric]) -> Snapshot:

@@ -410,12 +410,23 @@ class Runtime:
         return runtime
 
     async def purge(self, spec: PurgeSpec) -> PurgeOutcome:
-        """Purge everywhere this cache lives (every worker, every node of a cluster)."""
-        if self.purge_fn is not None:
-            return await self.purge_fn(spec)
-        if self.settings.cluster is not None:
-            return await (await self.joined_cluster()).purge(spec)  # type: ignore[no-any-return]
-        return PurgeOutcome(await self.purge_here(spec))
+        """Purge everywhere this cache lives (every worker, every node of a cluster). Every purge
+        asked of this process comes here (the admin API's, the PURGE method's, an unsafe
+        method's invalidation), so a failed one is counted here, once, in the process that
+        answers it (``cachegate_purge_failures_total``): the count of purges made
+        (``count_purge``) is the supervisor's, and a purge that failed made none. An
+        invalidation's failure is the engine's to count, as it tries again URL by URL."""
+        try:
+            if self.purge_fn is not None:
+                return await self.purge_fn(spec)
+            if self.settings.cluster is not None:
+                return await (await self.joined_cluster()).purge(spec)  # type: ignore[no-any-return]
+            return PurgeOutcome(await self.purge_here(spec))
+        except Exception:
+            if not spec.invalidation:  # (the engine counts those: ``Engine._invalidate``)
+                for kind in spec.kinds:
+                    self.metrics.purge_failures.labels(kind).inc()
+            raise
 
     async def joined_cluster(self) -> Any:
         """In cluster mode, this node's member of the cluster, once it has joined. The admin
@@ -576,9 +587,11 @@ class Runtime:
         entries = {"memory": len(m)}
         size = {"memory": m.bytes}
         evictions = {"memory": m.evictions}
+        budget = {"memory": m.budget}
         if s.disk is not None:
             size["disk"] = s.disk.volume()
-        yield from tier_families(entries, size, evictions)
+            budget["disk"] = s.disk.capacity()
+        yield from tier_families(entries, size, evictions, budget)
         c = CounterMetricFamily("cachegate_storage_write_failures",
                                 "Disk writes that failed (shard lock timeout); the response was not stored")
         c.add_metric([], s.failed_writes)

@@ -92,6 +92,7 @@ from proxy.inspection import Inspector
 from proxy.leases import LeaseRelay, LeaseTable
 from proxy.lockfile import HeldLock, LockTaken, bind_refused, port_in_use, runtime_dir
 from proxy.logs import say, setup_logging, tell
+from proxy.metrics import WORKER_END_REASONS
 from proxy.oom import lower_supervisor_score, oom_death, raise_worker_score, signal_name
 from proxy.purge import PurgeOutcome, PurgeSpec, match_to_json
 from proxy.room import human_size
@@ -468,6 +469,9 @@ class Supervisor:
         runtime = self.runtime = opened
         runtime.workers_health = lambda: workers_health([w.health() for w in self.workers])
         runtime.metrics.process_label = "supervisor"
+        for w in self.workers:  # at 0 from the start (``proxy.metrics.KNOWN_LABELS`` says why)
+            for reason in WORKER_END_REASONS:
+                runtime.metrics.worker_restarts.labels(str(w.worker_id), reason)
         self.leases.table = LeaseTable(runtime.storage.memory.arena)
         runtime.metrics.add_collector(self.leases.collect)
         runtime.purge_fn = self.purge
@@ -475,7 +479,8 @@ class Supervisor:
         runtime.reload_config = lambda: self.reload(reloader)
         listeners = Listeners()
         try:
-            admin = await start_admin_listener(runtime, self.settings, self.purge,
+            # (purges: ``runtime.purge``, which calls ``self.purge`` and counts those that fail)
+            admin = await start_admin_listener(runtime, self.settings, None,
                                                Inspector(runtime, self.call_each))
         except OSError as exc:
             tell(f"cachegate: cannot listen: {exc}")
@@ -791,6 +796,7 @@ class Supervisor:
             if not self._failed:  # (its siblings, that met the same, are not restarted either)
                 log.error("worker %d (pid %d) cannot open the cache directory; stopping", w.worker_id,
                           process.pid)
+            self._ended(w, process.pid, code, None)
             self._failed = True
             self._stop.set()
             return
@@ -798,12 +804,14 @@ class Supervisor:
             # (the second: an older release installed over this one, a rollback, has no check of
             # its own: its worker refused this supervisor's arguments, exit 2, restarted for ever)
             if not self.stopping:
+                self._ended(w, process.pid, code, None)
                 self._code_changed(w, process.pid, code)
             return
         w.restarts += 1
         w.last_exit = code
         w.last_was_ready = w.ready.is_set()
         died = self._death_cause(w, process.pid, code)
+        self._ended(w, process.pid, code, died)
         # A worker that lived a while is restarted at once, and so is one that died once soon
         # after it became ready (a kill, an OOM: a crash, not a loop); one that keeps dying, or
         # that never became ready, with backoff (and /healthz says so: ``workers_health``).
@@ -818,6 +826,23 @@ class Supervisor:
         w.last_oom = died is not None and died[1]
         self._exited(w, process.pid, code, died, delay)
         self._spawn_soon(w, delay, after=process.pid)
+
+    def _ended(self, w: Worker, pid: int, code: int, died: tuple[str, bool, str] | None) -> None:
+        """Count a worker's process that ended without the supervisor stopping it, restarted or
+        not (``cachegate_worker_restarts_total``: the supervisor's, so a scrape after the new
+        process started still has it), by why (``WORKER_END_REASONS``): ``hung`` when the
+        supervisor killed it itself (the watchdog, not ready in time, a purge not acknowledged:
+        ``Worker.killed``), ``oom`` for a death put down to the OOM killer (``died``), ``signal``
+        for any other signal, ``exit`` for an exit status (0 too: it was not asked)."""
+        if w.killed is not None and w.killed[0] == pid:
+            reason = "hung"
+        elif died is not None and died[1]:
+            reason = "oom"
+        else:
+            reason = "signal" if code < 0 else "exit"
+        runtime = self.runtime
+        if runtime is not None:
+            runtime.metrics.worker_restarts.labels(str(w.worker_id), reason).inc()
 
     def _exited(self, w: Worker, pid: int, code: int | None, died: tuple[str, bool, str] | None,
                 delay: float) -> None:

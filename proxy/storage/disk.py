@@ -1912,6 +1912,12 @@ class DiskTier:
                          human_size(size + excess))
         return excess
 
+    def capacity(self) -> int:
+        """The bytes the shards may hold now (``volume`` is culled to this): each shard's budget
+        in force times the shards; the rest of cache.disk.size is the index's and the journals'
+        (RESERVE)."""
+        return self.budget * len(self._shards)
+
     def volume(self) -> int:
         """Bytes on disk as diskcache counts them (database pages and value files); a damaged
         shard's are not read (they made /metrics and /stats a 500 once one was found)."""

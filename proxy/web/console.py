@@ -187,7 +187,7 @@ def process_totals(runtime: Runtime, owner: bool) -> Totals:
         "worker": runtime.worker_id,  # None for the supervisor or the one process
         "requests": m.request_counts(),
         "bytes": {labels[0]: int(v) for labels, v in m.response_bytes.values().items()},
-        "origin": int(sum(m.upstream_requests.values().values())),
+        "origin": m.sent_upstream(),
         "fills": int(m.fills.values()[()]),
         "evictions": 0,
         "latency": {labels[0]: counts for labels, counts in m.request_duration.values().items()},

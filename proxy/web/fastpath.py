@@ -307,6 +307,7 @@ class FastPath:
                     return None
             fe.bytes_sent["memory"].value += size
         fe.hit_counters[method].value += 1
+        fe.responses[3 if not_modified else stored.status // 100] += 1
         self.answered += 1
         if not self.answered & FAST_SAMPLE_MASK:  # one answer in FAST_SAMPLE: the console's (proxy.live)
             fe.metrics.answered(head.url, "HIT", perf_counter() - started, FAST_SAMPLE)
@@ -412,6 +413,9 @@ class ProxyRequestHandler(LimitedHandler):
         resp.headers["X-Cache-Status"] = "ERROR"
         if refused:
             fe.requests("ERROR", REFUSED_METHOD).inc()
+        # Every answer given here, refused or aiohttp's 500 after a handler's exception (which
+        # had no answer of the handler's own: ``proxy_handler.make_handler`` counts those).
+        fe.responses[status // 100] += 1
         body = resp.body
         size = len(body) if isinstance(body, bytes) else 0
         fe.sent("none").inc(size)  # cachegate's own body (a refused request: never a hit)
@@ -445,6 +449,7 @@ class ProxyRequestHandler(LimitedHandler):
             return
         fe = self._front.current()
         fe.requests("ERROR", REFUSED_METHOD).inc()
+        fe.responses[REQUEST_TIMEOUT // 100] += 1  # as logged (nothing is sent)
         access = fe.access_log
         if access is not None:
             access.add((perf_counter(), timeout, fe.ids.new(), self._remote(), None, None, None,

@@ -7,7 +7,8 @@ and adds to its reply, computed once per config and called by the fast hit path
 - the request's one normalised view (``proxy.policy.request``) with this config's listener
   (the default Host of an HTTP/1.0 request without one, the head cap);
 - the hosts-seen accounting (what the admin API takes as "hosts cachegate serves");
-- the request and response-byte counters, their children bound once (``proxy.metrics``);
+- the request, response-class and response-byte counters, their children bound once
+  (``proxy.metrics``);
 - the fields the web layer adds to every reply: the debug fields of the tier that served it,
   X-Request-Id, and the operator's Server name (``own_fields``).
 
@@ -56,7 +57,7 @@ class FrontEnd:
     """One config's front end (see the module docstring)."""
 
     __slots__ = ("_debug", "_trust_nets", "_trusted", "_worker", "access_log", "bytes_sent", "extras",
-                 "hit_counters", "hosts", "ids", "listener", "metrics", "server", "settings")
+                 "hit_counters", "hosts", "ids", "listener", "metrics", "responses", "server", "settings")
 
     def __init__(self, runtime: Runtime) -> None:
         settings = self.settings = runtime.settings
@@ -71,6 +72,8 @@ class FrontEnd:
         # Children bound once: the fast path adds to ``.value`` (``proxy.metrics.LeanCounter``).
         self.hit_counters: dict[str, CounterChild] = {m: metrics.requests.labels("HIT", m)
                                                       for m in ("GET", "HEAD")}
+        # Answers by status class: ``responses[status // 100] += 1`` (``StatusClassCounter``).
+        self.responses: list[int] = metrics.responses.counts
         # The fast path's tiers; the others' children are made on their first reply (``sent``).
         self.bytes_sent: dict[str, CounterChild] = {t: metrics.response_bytes.labels(t)
                                                     for t in ("memory", "disk")}

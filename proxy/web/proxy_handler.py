@@ -249,11 +249,16 @@ def make_handler(front: Front) -> Callable[[web.BaseRequest], object]:
                     fe.sent(tier).inc(sent)
                 if request.method not in ("PURGE", "CONNECT"):  # client requests the cache answered
                     runtime.metrics.answered(info.url, info.x_cache, done - started)
+                # The access log's status, counted by class as logged: 499 when the client left
+                # before its answer was whole (streamed: noticed at its end, ``write_reply``; at
+                # hand: when the handler returned, above), or the stop cut it off.
+                status = CLIENT_CLOSED if resp is None or info.client_left else resp.status
+                fe.responses[status // 100] += 1
                 access = front.current().access_log  # a reload meanwhile may have opened another
                 if access is not None:
                     access.add((done, done - started, info.request_id, remote, request.method,
                                 info.host or request.host, info.target or request.raw_path,
-                                request.version, *_logged_outcome(info, resp, sent),
+                                request.version, status, sent,
                                 info.x_cache, info.cache_status, info.key, info.upstream,
                                 info.upstream_time, request.headers if access.wants_fields else None))
         return resp
@@ -264,16 +269,6 @@ def make_handler(front: Front) -> Callable[[web.BaseRequest], object]:
 # nginx's "client closed request": the access log's status for a request whose client left
 # before its answer was complete. Logged only, never sent.
 CLIENT_CLOSED = 499
-
-
-def _logged_outcome(info: RequestInfo, resp: web.StreamResponse | None, sent: int) -> tuple[int, int]:
-    """The access log's status and body bytes of a request answered with ``resp`` (None: cut
-    off by the stop) after ``sent`` bytes (as counted: ``handle``): 499 when the client left
-    before its answer was complete (streamed: at its end, ``write_reply``; at hand: when the
-    handler returned, ``handle``)."""
-    if resp is None or info.client_left:
-        return CLIENT_CLOSED, sent
-    return resp.status, sent
 
 
 def client_left(request: web.BaseRequest) -> bool:

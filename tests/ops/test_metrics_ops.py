@@ -225,7 +225,7 @@ async def test_a_fresh_cachegate_exports_its_known_events_at_zero(origin: Origin
              "cachegate_slow_readers": "outcome", "cachegate_not_stored": "reason",
              "cachegate_flights": "outcome", "cachegate_purges": "kind", "cachegate_response_bytes": "tier",
              "cachegate_out_of_resources": "where", "cachegate_client_connections_closed": "reason",
-             "cachegate_unusable_304s": "reason"}
+             "cachegate_unusable_304s": "reason", "cachegate_purge_failures": "kind"}
     assert set(label) == set(KNOWN_LABELS)
     for family, values in KNOWN_LABELS.items():
         for value in values:
@@ -272,6 +272,7 @@ def test_the_known_label_sets_cover_the_typed_ones() -> None:
     specs = (PurgeSpec(urls=("http://a/",)), PurgeSpec(keys=("k",)), PurgeSpec(prefixes=("http://a/",)),
              PurgeSpec(tags=("t",)), PurgeSpec(all=True), PurgeSpec(keys=("k",), invalidation=True))
     assert {k for spec in specs for k in spec.kinds} == set(KNOWN_LABELS["cachegate_purges"])
+    assert KNOWN_LABELS["cachegate_purge_failures"] == KNOWN_LABELS["cachegate_purges"]
     assert set(TIERS) == set(KNOWN_LABELS["cachegate_response_bytes"])
     errors = (UpstreamConnectError("x"), UpstreamConnectTimeout("x"), PoolWaitTimeout("x"), UpstreamReadTimeout("x"),
               UpstreamTotalTimeout("x"), UpstreamProtocolError("x"), UpstreamBodyError("x"), UpstreamDNSError("x"),
