@@ -1,7 +1,8 @@
 """The container and deploy files: the Dockerfile, compose with Prometheus and Grafana, the
-Kubernetes kustomize layout, the systemd unit and the Grafana dashboard. Each file is parsed,
-what it copies or mounts exists, every cachegate config in them passes ``cachegate check``,
-and the dashboard asks only for metrics a real scrape exports."""
+Kubernetes kustomize layout, the systemd unit, the Grafana dashboard and the Prometheus alert
+rules. Each file is parsed, what it copies or mounts exists, every cachegate config in them
+passes ``cachegate check``, the dashboard asks only for metrics a real scrape exports, and
+every alert fires in its incident and stays quiet in steady state (``promtool test rules``)."""
 
 from __future__ import annotations
 
@@ -240,6 +241,13 @@ def test_compose_runs_cachegate_the_origin_prometheus_and_grafana_from_files_tha
     path = providers["providers"][0]["options"]["path"]
     mounts = dict(v.split(":")[:2] for v in services["grafana"]["volumes"] if v.startswith("."))
     assert mounts["./grafana/cachegate.json"] == f"{path}/cachegate.json"
+
+    # Prometheus loads the alert rules, mounted beside its config (rule_files are relative to it).
+    mounts = dict(v.split(":")[:2] for v in services["prometheus"]["volumes"] if v.startswith("."))
+    config_dir = Path(mounts["./prometheus/prometheus.yml"]).parent
+    assert prometheus["rule_files"] == ["alerts.yml"]
+    for rule_file in prometheus["rule_files"]:
+        assert mounts[f"./prometheus/{rule_file}"] == str(config_dir / rule_file)
 
 
 # -- Kubernetes ----------------------------------------------------------------------------
@@ -605,6 +613,113 @@ def test_open_files_are_held_against_the_limit_per_process() -> None:
         others = [t["expr"] for t in panel["targets"] if "process_max_fds" not in t["expr"]]
         assert others and all(re.match(r"max by \(instance\) \(cachegate_worker_open_fds\{", e) for e in others), \
             (panel["title"], others)
+
+
+# -- the Prometheus alert rules -------------------------------------------------------------
+
+ALERTS = DEPLOY / "prometheus/alerts.yml"
+# promtool's unit tests of them; those needing a day of history are evaluated every 5 minutes
+ALERT_TESTS = (DEPLOY / "prometheus/alerts_test.yml", DEPLOY / "prometheus/alerts_test_daily.yml")
+
+
+def promtool() -> str:
+    return shutil.which("promtool") or pytest.skip(
+        "promtool is not installed (scripts/test installs Debian's prometheus, which has it, with apt-get where it can)")
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    return [rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]]
+
+
+def test_promtool_checks_the_alert_rules_and_the_prometheus_config_that_loads_them(tmp_path: Path) -> None:
+    tool = promtool()
+    done = subprocess.run([tool, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # prometheus.yml as shipped, beside its rules, with the token file compose's secret would be
+    for name in ("prometheus.yml", "alerts.yml"):
+        shutil.copy(DEPLOY / "prometheus" / name, tmp_path / name)
+    (tmp_path / "token").write_text("t" * 32)
+    config = tmp_path / "prometheus.yml"
+    config.write_text(config.read_text().replace("/run/secrets/cachegate-admin-token", str(tmp_path / "token")))
+    done = subprocess.run([tool, "check", "config", str(config)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS: 1 rule files found" in done.stdout + done.stderr, done.stdout + done.stderr
+
+
+def test_every_alert_fires_in_its_incident_and_stays_quiet_in_steady_state() -> None:
+    tool = promtool()
+    done = subprocess.run([tool, "test", "rules", *map(str, ALERT_TESTS)], capture_output=True, text=True,
+                          timeout=110)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # A test of a name no rule has passes vacuously, and an alert no test names is not tested:
+    fires, quiet = set(), set()
+    for path in ALERT_TESTS:
+        for group in yaml.safe_load(path.read_text())["tests"]:
+            for case in group["alert_rule_test"]:
+                (fires if case["exp_alerts"] else quiet).add(case["alertname"])
+    names = {rule["alert"] for rule in alert_rules()}
+    assert names - fires == set(), "never tested firing"
+    assert names - quiet == set(), "never tested quiet"
+    assert (fires | quiet) - names == set(), "tests of alerts alerts.yml does not have"
+
+
+def test_every_alert_says_how_urgent_what_happened_and_the_first_step_in_the_docs() -> None:
+    guide = (ROOT / "docs/deploy.md").read_text()
+    section = guide.split("\n## Alerts\n", 1)[1].split("\n## ", 1)[0]
+    rows = {m.group(1): line for line in section.splitlines() if (m := re.match(r"\| `(Cachegate\w+)` \|", line))}
+    rules = alert_rules()
+    assert len(rules) == len({rule["alert"] for rule in rules}), "an alert name twice"
+    for rule in rules:
+        name, labels, notes = rule["alert"], rule["labels"], rule["annotations"]
+        assert labels["severity"] in ("page", "ticket"), name
+        assert set(notes) == {"summary", "description", "runbook_url"}, name
+        assert "{{ $labels.instance }}" in notes["summary"], name  # which node, in a cluster
+        assert notes["runbook_url"] == "docs/deploy.md#alerts", name
+        assert name in rows, f"docs/deploy.md's Alerts section has no row for {name}"
+        assert f"| {labels['severity']} |" in rows[name], (name, rows[name])
+    assert set(rows) == {rule["alert"] for rule in rules}, "rows for alerts alerts.yml does not have"
+
+
+def documented_metric_names() -> set[str]:
+    """The first column of docs/admin-api.md's table of metrics, and of docs/cluster.md's (cluster
+    mode's own, cachegate_cluster_*)."""
+    names: set[str] = set()
+    for doc, allowed in (("admin-api.md", ("cachegate_", "process_")), ("cluster.md", (CLUSTER_PREFIX,))):
+        text = (ROOT / "docs" / doc).read_text()
+        for line in text.splitlines():
+            if line.startswith("| `"):
+                names.update(n for n in re.findall(r"`([a-z0-9_]+)`", line.split("|")[1]) if n.startswith(allowed))
+    return names
+
+
+NAME_PATTERN = re.compile(r'__name__=~"([^"]*)"')
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names an expression asks for, those of a ``{__name__=~"a_(b|c)_total"}``
+    selector included (the documented upstream error rate takes two families so)."""
+    names = set(METRIC.findall(NAME_PATTERN.sub("", expr)))
+    for pattern in NAME_PATTERN.findall(expr):
+        parts = re.fullmatch(r"([a-z0-9_]*)\(([a-z0-9_|]+)\)([a-z0-9_]*)", pattern)
+        assert parts, f"a name pattern this test cannot expand: {pattern}"
+        names.update(parts.group(1) + one + parts.group(3) for one in parts.group(2).split("|"))
+    return names
+
+
+def test_every_metric_the_alerts_and_the_dashboard_use_is_documented() -> None:
+    documented = documented_metric_names()
+    assert {"cachegate_requests_total", "process_max_fds", "cachegate_cluster_connected"} <= documented
+    assert metric_names('rate({__name__=~"cachegate_upstream_(requests|errors)_total", kind!="x"}[1m])') == \
+        {"cachegate_upstream_requests_total", "cachegate_upstream_errors_total"}
+    used = {(f"alert {rule['alert']}", name) for rule in alert_rules() for name in metric_names(rule["expr"])}
+    used |= {(f"panel {title!r}", name) for title, expr in dashboard_queries() for name in metric_names(expr)}
+    assert len({name for _, name in used}) >= 40
+    missing = set()
+    for where, name in sorted(used):
+        stem = re.sub(r"_(bucket|sum|count)$", "", name)  # a histogram's samples
+        if name not in documented and stem not in documented:
+            missing.add(f"{where}: {name}")
+    assert not missing, "not in docs/admin-api.md's table of metrics:\n" + "\n".join(sorted(missing))
 
 
 def test_the_readme_config_example_passes_check(
