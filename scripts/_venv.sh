@@ -30,20 +30,26 @@ ensure_venv() {  # ensure_venv [extra]
 
 # System packages the tests drive, installed with apt-get when missing (as root, e.g. in CI):
 # Debian's chromium for the console's browser tests (Playwright drives it; it never downloads a
-# browser of its own), Debian's redis-server for the cluster tests, and openssl, which makes the
-# throwaway certificates of the TLS tests. Tests that need one skip, saying why, only when this
-# install failed.
+# browser of its own), Debian's redis-server for the cluster tests, openssl, which makes the
+# throwaway certificates of the TLS tests, and Debian's prometheus for its promtool, which checks
+# and unit-tests deploy/prometheus/alerts.yml. Tests that need one skip, saying why, only when
+# this install failed.
 ensure_system_packages() {
-  local missing=()
+  local missing=() lean=()
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)  # the cluster tests' Redis
   command -v openssl >/dev/null 2>&1 || missing+=(openssl)
-  (( ${#missing[@]} )) || return 0
+  # promtool comes with Debian's prometheus; not the node exporter it recommends
+  command -v promtool >/dev/null 2>&1 || lean+=(prometheus)
+  local all=("${missing[@]}" "${lean[@]}")
+  (( ${#all[@]} )) || return 0
   if [[ "$(id -u)" != 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
-    echo "scripts/test: ${missing[*]} missing and cannot be installed here (needs root and apt-get); those tests skip" >&2
+    echo "scripts/test: ${all[*]} missing and cannot be installed here (needs root and apt-get); those tests skip" >&2
     return 0
   fi
-  echo "scripts/test: installing ${missing[*]} with apt-get" >&2
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } \
-    >/dev/null || echo "scripts/test: could not install ${missing[*]}; those tests skip" >&2
+  echo "scripts/test: installing ${all[*]} with apt-get" >&2
+  { apt-get update -qq &&
+    { (( ! ${#missing[@]} )) || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } &&
+    { (( ! ${#lean[@]} )) || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${lean[@]}"; }
+  } >/dev/null || echo "scripts/test: could not install ${all[*]}; those tests skip" >&2
 }
