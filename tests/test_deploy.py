@@ -496,19 +496,6 @@ def dashboard_queries() -> list[tuple[str, str]]:
     return out
 
 
-# A selector by name regex (``{__name__=~"cachegate_upstream_(requests|errors)_total"}``, the
-# documented way to add two families when one of them may have no series yet): its names.
-NAME_REGEX = re.compile(r'__name__=~"([a-z0-9_]*)\(([a-z0-9_|]+)\)([a-z0-9_]*)"')
-
-
-def metric_names(expr: str) -> list[str]:
-    """The metrics a query asks for, those it names by a ``__name__`` regex too."""
-    names = METRIC.findall(NAME_REGEX.sub("", expr))
-    for before, alternatives, after in NAME_REGEX.findall(expr):
-        names += [before + a + after for a in alternatives.split("|")]
-    return names
-
-
 def exported_names(text: str) -> set[str]:
     """Every sample name a scrape has, or would have once counted (counters, histograms)."""
     names: set[str] = set()
@@ -692,12 +679,14 @@ def documented_metric_names() -> set[str]:
     return names
 
 
+# A selector by name regex (``{__name__=~"cachegate_upstream_(requests|errors)_total"}``, the
+# documented way to add two families when one of them may have no series yet).
 NAME_PATTERN = re.compile(r'__name__=~"([^"]*)"')
 
 
 def metric_names(expr: str) -> set[str]:
-    """The metric names an expression asks for, those of a ``{__name__=~"a_(b|c)_total"}``
-    selector included (the documented upstream error rate takes two families so)."""
+    """The metric names an expression asks for (the dashboard's panels, the alert rules), those
+    of a ``{__name__=~"a_(b|c)_total"}`` selector included."""
     names = set(METRIC.findall(NAME_PATTERN.sub("", expr)))
     for pattern in NAME_PATTERN.findall(expr):
         parts = re.fullmatch(r"([a-z0-9_]*)\(([a-z0-9_|]+)\)([a-z0-9_]*)", pattern)
