@@ -24,6 +24,8 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from proxy.errors import CachegateError
+
 log = logging.getLogger("cachegate.control")
 
 Handler = Callable[..., Awaitable[Any]]
@@ -115,6 +117,11 @@ class Channel:
             reply: dict[str, Any] = {"id": call_id, "result": result}
         except asyncio.CancelledError:
             raise
+        except CachegateError as exc:
+            # A failure its caller answers and its message names (a purge on a full filesystem:
+            # the client's 503), not a bug: no traceback (a full disk logged one per PURGE).
+            log.warning("%s: control call %s failed: %s", self.name, message.get("call"), exc)
+            reply = {"id": call_id, "error": f"{type(exc).__name__}: {exc}"}
         except Exception as exc:
             log.exception("%s: control call %s failed", self.name, message.get("call"))
             reply = {"id": call_id, "error": f"{type(exc).__name__}: {exc}"}

@@ -50,10 +50,10 @@ async def scrape(proxy: ProxyProcess) -> Samples:
 
 
 async def started(tmp_path: Path, origin: Origin, cache: str, admin: str = "{listen: '127.0.0.1:0'}",
-                  directory: Path | None = None) -> ProxyProcess:
+                  directory: Path | None = None, with_log: bool = False) -> ProxyProcess:
     where = str(directory or tmp_path)
     proxy = ProxyProcess(where, write_config(where, origin.url, cache, admin=admin))
-    await proxy.start("--workers", "2")
+    await proxy.start("--workers", "2", with_log=with_log)
     await proxy.wait_for(lambda: bool(proxy.admin_url) and len(proxy.workers) == 2)
     return proxy
 
@@ -119,7 +119,8 @@ async def test_purges_answered_503_on_a_full_disk_are_counted_as_purge_failures(
     directory = small_tmpfs / "p"
     directory.mkdir()
     proxy = await started(tmp_path, origin, "cache: {memory: 16MB, disk: {path: cache, size: 4MB, shards: 2}}\n",
-                          admin="{listen: '127.0.0.1:0', purge_from: [127.0.0.1/32]}", directory=directory)
+                          admin="{listen: '127.0.0.1:0', purge_from: [127.0.0.1/32]}", directory=directory,
+                          with_log=True)
     answers: dict[str, list[int]] = {"admin": [], "method": []}
     try:
         for i in range(keys):
@@ -147,6 +148,8 @@ async def test_purges_answered_503_on_a_full_disk_are_counted_as_purge_failures(
     assert failed == {"url": statuses.count(503), "prefix": 0, "tag": 0, "all": 0, "invalidation": 0}, \
         (failed, answers)
     assert family(m, "cachegate_purges_total", "kind")["url"] == statuses.count(200), answers
+    # Each failure is a line naming its cause, not a traceback (a bug's), one per PURGE.
+    assert not [line for line in proxy.lines if "Traceback" in line], "\n".join(proxy.lines)
 
 
 async def test_a_worker_killed_by_a_signal_is_counted_as_a_restart(origin: Origin, tmp_path: Path) -> None:
