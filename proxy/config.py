@@ -765,7 +765,9 @@ rule files have their own reference, [rules.md](rules.md).
   `upstream.tls.verify: false` (upstream certificates are not checked).
 - A TLS listener's certificate that loads but that clients refuse, expired or not valid yet,
   or that expires within 14 days, is a warning at its `cert` line (`check`, a start, a reload:
-  its answer's `warnings`), saying the date; `--strict` refuses it
+  its answer's `warnings`), saying the date; `--strict` refuses it. A running instance checks
+  the certificates it serves again every 12 hours and as one enters its last 14 days or
+  expires, and logs the same warning (at most once a day each) without a reload
   ([deploy.md](deploy.md#listeners-and-tls)).
 - A reload (SIGHUP, `POST /reload`) applies most keys at once; `listen` (its addresses),
   `admin.listen`, `upstreams`, `upstream`, `workers`, `cluster` and every `cache` key but

@@ -109,7 +109,7 @@ from proxy.startup import (
 )
 from proxy.storage.arena import LOCK_NAMES
 from proxy.storage.lockwait import Locks, read_locks
-from proxy.tls import served_after_reload
+from proxy.tls import ExpiryWatch, served_after_reload
 from proxy.web.server import (
     Listeners,
     Reloader,
@@ -409,6 +409,9 @@ class Supervisor:
         # what a restarted worker starts with (``with_restart_only``).
         self._served_tls = tuple(settings.pem(li.tls) if li.tls is not None else None
                                  for li in settings.listeners)
+        # Their certificates' dates, warned of while it runs (this process warns at a start and
+        # at reloads; the workers stay silent): ``_run`` starts it when a listener is TLS.
+        self._expiry = ExpiryWatch(self._tls_served)
         self._uncommitted: str | None = None  # why the last reload's copy could not be written
         self._tasks: set[asyncio.Task[Any]] = set()
         # Calls the workers may make to the supervisor, by name (features add their own);
@@ -507,6 +510,8 @@ class Supervisor:
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, reload_in_background, runtime)
         self._track(self.notifier.keep_watchdog())  # until the process exits, the drain included
+        if any(self._served_tls):
+            self._track(self._expiry.run())
         # What came during the start-up (``proxy.earlysignals``): done now.
         if any([earlysignals.take(signal.SIGTERM), earlysignals.take(signal.SIGINT)]):
             stop.set()
@@ -1232,6 +1237,8 @@ class Supervisor:
                 else:
                     self._uncommitted = None
                     self._serve_tls(runtime.settings)
+            if result.ok:
+                self._expiry.said()  # (the reload has just logged their problems)
             return result
 
     def _serve_tls(self, loaded: Settings) -> None:
@@ -1240,6 +1247,13 @@ class Supervisor:
             self._served_tls = tuple(
                 served_after_reload(served, loaded.pem(li.tls) if li.tls is not None else None)
                 for served, li in zip(self._served_tls, loaded.listeners, strict=True))
+
+    def _tls_served(self) -> list[tuple[str, str, bytes]]:
+        """(address, cert file, certificate) of each TLS listener, as the workers serve it."""
+        settings = self.runtime.settings if self.runtime is not None else self.settings
+        return [(f"{_fmt(li.host)}:{port}", li.tls.cert, served[0])
+                for li, port, served in zip(settings.listeners, self._ports, self._served_tls, strict=False)
+                if li.tls is not None and served is not None]
 
     async def _reload_workers(self, problems: list[str]) -> WorkersReloaded:
         """Every worker's reload, all at once, from the copy as it is now: ``problems`` plus one

@@ -30,11 +30,14 @@ to expire. The config load reads the leaf's dates (``certificate_dates``) and wa
 ``cert`` line (``check``, a start and a reload, whose answer lists it in ``warnings``;
 ``check --strict`` refuses it), and each listener exports the end of the validity of the
 certificate it serves (``cachegate_tls_certificate_expiry_seconds``): a renewal hook that
-copied an old file used to look like a success.
+copied an old file used to look like a success. While a process runs, ``ExpiryWatch`` logs
+the same words as the certificates it serves enter their last 14 days or expire, and daily
+after: a process that ran for weeks without a reload said nothing of it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import logging
@@ -43,7 +46,8 @@ import re
 import ssl
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Literal
 
 from proxy.yamlsrc import read_regular
 
@@ -416,18 +420,44 @@ def validity_problem(cert: str, dates: tuple[float, float], now: float) -> str |
     True
     """
     not_before, not_after = dates
-    if now > not_after:
+    state = validity(dates, now)
+    if state == "expired":
         return (f"the certificate in {cert} expired on {_utc(not_after)} ({_span(now - not_after)} "
                 "ago): clients refuse it, every handshake fails; put the renewed certificate in "
                 "place (did a renewal copy an old file?)")
-    if now < not_before:
+    if state == "not yet valid":
         return (f"the certificate in {cert} is not valid before {_utc(not_before)} (in "
                 f"{_span(not_before - now)}): clients refuse it until then (is this machine's "
                 "clock right?)")
-    if not_after - now <= EXPIRES_SOON:
+    if state == "expires soon":
         return (f"the certificate in {cert} expires on {_utc(not_after)}, in {_span(not_after - now)}: "
                 "renew it before then (clients refuse it from then on)")
     return None
+
+
+Validity = Literal["expired", "not yet valid", "expires soon"]
+
+
+def validity(dates: tuple[float, float], now: float) -> Validity | None:
+    """Which of ``validity_problem``'s problems a certificate valid from ``dates[0]`` to
+    ``dates[1]`` has at ``now``, or None.
+
+    >>> [validity((10.0, 20.0 + EXPIRES_SOON), t) for t in (5.0, 15.0, 20.0, 25.0 + EXPIRES_SOON)]
+    ['not yet valid', None, 'expires soon', 'expired']
+    """
+    not_before, not_after = dates
+    if now > not_after:
+        return "expired"
+    if now < not_before:
+        return "not yet valid"
+    if not_after - now <= EXPIRES_SOON:
+        return "expires soon"
+    return None
+
+
+def _marks(dates: tuple[float, float]) -> tuple[float, ...]:
+    """The moments ``validity`` changes: valid from, the start of ``EXPIRES_SOON``, expired."""
+    return dates[0], dates[1] - EXPIRES_SOON, dates[1]
 
 
 def _utc(when: float) -> str:
@@ -478,6 +508,7 @@ class ServerTLS:
         self.context = _load_pem(pem)
         self.files = (cert, key)
         self.kind = key_kind(pem[1])
+        self.cert_pem = pem[0]  # the certificate chain served (``ExpiryWatch`` reads its dates)
         # notAfter of the certificate served, a Unix time (None: unreadable): the metric
         # cachegate_tls_certificate_expiry_seconds (proxy.web.server)
         self.not_after = _not_after(pem[0])
@@ -516,6 +547,7 @@ class ServerTLS:
             log.error("TLS reload failed, the current certificate stays: %s: %s", cert, reason)
             return f"the current certificate stays: {cert} did not load ({reason})"
         self.files = (cert, key)
+        self.cert_pem = pem[0]
         self.not_after = _not_after(pem[0])
         return None
 
@@ -523,3 +555,90 @@ class ServerTLS:
 def _not_after(cert_pem: bytes) -> float | None:
     dates = certificate_dates(cert_pem)
     return None if dates is None else dates[1]
+
+
+
+# -- the leaf's validity, while running ---------------------------------------------------------
+
+RECHECK = 12 * 3600  # how often a running process reads the dates of the certificates it serves
+REPEAT = 86400  # one certificate's warning (of one problem) at most this often
+_EARLY = 60.0  # a timer that fires this much early (or a clock that drifts) still counts a day
+
+# (the listener, its ``cert`` file, the certificate's PEM bytes as served), per TLS listener
+Served = Callable[[], Iterable[tuple[str, str, bytes]]]
+
+
+class ExpiryWatch:
+    """``validity_problem`` of each certificate a running process serves, again while it runs.
+
+    The config load checks it at a start and a reload only: a process that ran for weeks
+    without either said nothing as its certificate came within ``EXPIRES_SOON`` of its end or
+    expired (the metric alone did). Every ``RECHECK``, and just after each moment a
+    certificate's ``validity`` changes (``_marks``), a problem is logged as a WARNING, each
+    (listener, certificate, problem) at most once per ``REPEAT``: a renewed certificate, or
+    one that expired after it was about to, is said at once.
+
+    Run by the process that logs the config's warnings at a start and a reload (a lone
+    process, or the supervisor: its workers serve the same certificates and stay silent), with
+    ``served`` its TLS listeners; ``said`` after each reload (and, by ``run``, the start): the
+    config load has just logged those problems, so the watch does not repeat them that day."""
+
+    def __init__(self, served: Served, clock: Callable[[], float] = time.time) -> None:
+        self._served = served
+        self._clock = clock
+        self._warned: dict[tuple[str, float, Validity], float] = {}  # -> when it was logged
+        self._woken = asyncio.Event()
+        self._wait = float(RECHECK)
+
+    def _dated(self) -> list[tuple[str, str, tuple[float, float]]]:
+        return [(listener, cert, dates) for listener, cert, pem in self._served()
+                if (dates := certificate_dates(pem)) is not None]
+
+    @staticmethod
+    def _until_next(dated: list[tuple[str, str, tuple[float, float]]], now: float) -> float:
+        """Seconds until the next check: ``RECHECK``, or just after a mark that comes before."""
+        return min([float(RECHECK), *(mark + 1 - now for *_, dates in dated for mark in _marks(dates)
+                                      if mark + 1 > now)])
+
+    def said(self) -> None:
+        """The config load has just logged the problem of each certificate served (a start, a
+        reload): not again before ``REPEAT``; the next check is rescheduled for what is served
+        now."""
+        now = self._clock()
+        dated = self._dated()
+        for listener, _cert, dates in dated:
+            state = validity(dates, now)
+            if state is not None:
+                self._warned[(listener, dates[1], state)] = now
+        self._wait = self._until_next(dated, now)
+        self._woken.set()
+
+    def check(self) -> float:
+        """Log each problem not logged within ``REPEAT``; the seconds until the next check."""
+        now = self._clock()
+        dated = self._dated()
+        current: set[tuple[str, float, Validity]] = set()
+        for listener, cert, dates in dated:
+            state = validity(dates, now)
+            if state is None:
+                continue
+            key = (listener, dates[1], state)
+            current.add(key)
+            last = self._warned.get(key)
+            if last is None or now - last >= REPEAT - _EARLY:
+                self._warned[key] = now
+                log.warning("TLS listener %s: %s", listener, validity_problem(cert, dates, now))
+        for gone in self._warned.keys() - current:  # renewed, or its state passed
+            del self._warned[gone]
+        return self._until_next(dated, now)
+
+    async def run(self) -> None:
+        """``check`` for ever (until cancelled), the first time ``RECHECK`` after the start (or
+        just after a mark before that): the start's config load has just warned."""
+        self.said()
+        while True:
+            self._woken.clear()
+            try:
+                await asyncio.wait_for(self._woken.wait(), self._wait)
+            except TimeoutError:
+                self._wait = self.check()

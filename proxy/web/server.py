@@ -54,7 +54,7 @@ from proxy.runtime import CacheDirectoryInUse, CacheDirectoryUnusable, ReloadRes
 from proxy.schema import show_hostport
 from proxy.sdnotify import Notifier
 from proxy.startup import EXIT_CACHE_DIR
-from proxy.tls import ServerTLS
+from proxy.tls import ExpiryWatch, ServerTLS
 from proxy.upstream import UpstreamTLSUnusable
 from proxy.web.admin import ADMIN, create_admin_app
 from proxy.web.console import register_console_calls
@@ -96,6 +96,7 @@ class Listeners:
     proxy_addresses: list[tuple[str, int]] = field(default_factory=list)  # every client listener's
     admin_addresses: list[tuple[str, int]] = field(default_factory=list)
     proxy_urls: list[str] = field(default_factory=list)  # the same, as http:// or https:// URLs
+    tls: list[tuple[str, ServerTLS]] = field(default_factory=list)  # each TLS listener's, by address
     open_files: OpenFilesWatch | None = None
 
     async def stop(self, grace: float) -> None:
@@ -245,9 +246,25 @@ async def start_proxy_listeners(runtime: Runtime, settings: Settings, listeners:
         listeners.proxy_urls.extend(f"{listener.scheme}://{_fmt(h)}:{p}" for h, p in bound)
         if tls is not None:
             name = f"{_fmt(bound[0][0])}:{bound[0][1]}" if bound else f"listen[{index}]"
+            listeners.tls.append((name, tls))
             _export_expiry(runtime, name, tls)
             runtime.on_reconfigure.append(_tls_reload(tls, index, functools.partial(_export_expiry, runtime,
                                                                                      name, tls)))
+
+
+def watch_expiry(runtime: Runtime, served: list[tuple[str, ServerTLS]]) -> asyncio.Task[None] | None:
+    """A lone process's ``ExpiryWatch`` of its TLS listeners (None without one): their
+    certificates' dates warned of while it runs, not only at its start and at reloads (a
+    reload's hook tells it that the reload has just warned)."""
+    if not served:
+        return None
+    watch = ExpiryWatch(lambda: [(name, tls.files[0], tls.cert_pem) for name, tls in served])
+
+    def reloaded(settings: Settings) -> None:
+        watch.said()
+
+    runtime.on_reconfigure.append(reloaded)
+    return asyncio.ensure_future(watch.run())
 
 
 def _export_expiry(runtime: Runtime, listener: str, tls: ServerTLS) -> None:
@@ -911,6 +928,7 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
         loop.add_signal_handler(sig, stop_on, sig)
     loop.add_signal_handler(signal.SIGHUP, reload_in_background, runtime)
     watchdog = asyncio.ensure_future(notifier.keep_watchdog())
+    expiry = None if worker is not None else watch_expiry(runtime, listeners.tls)
     # What came during the start-up (``proxy.earlysignals``): done now.
     early = next((sig for sig in stop_signals if earlysignals.take(sig)), None)
     if early is not None:
@@ -958,6 +976,8 @@ async def serve(settings: Settings, config_path: str | None, overrides: Override
             await channel.close()
         await runtime.close(max(0.0, deadline - loop.time()))
         watchdog.cancel()
+        if expiry is not None:
+            expiry.cancel()
     if worker is None:
         say("cachegate: stopped", event="stopped")
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import shutil
 import ssl
@@ -21,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.cli import main
 from proxy.config import Overrides
 from proxy.metrics import ClusterMetrics
-from proxy.tls import ServerTLS
+from proxy.tls import EXPIRES_SOON, RECHECK, ExpiryWatch, ServerTLS, validity_problem
 from proxy.web.server import install_reloader
 from tests.conftest import MakeProxy
 from tests.harness import Origin, self_signed
@@ -189,6 +190,92 @@ async def test_a_start_with_an_expired_certificate_says_so_and_every_worker_expo
         assert _expiry(await asyncio.to_thread(scrape)) == {https: EXPIRED_END}
     finally:
         assert await asyncio.to_thread(proc.stop) == 0, proc.text
+
+
+def _stamp(when: float) -> str:
+    return time.strftime("%Y%m%d%H%M%SZ", time.gmtime(when))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("workers", "left", "says"), [
+    # a lone process, its certificate 14 days and a few seconds from its end: nothing at the start
+    (1, EXPIRES_SOON + 12, r"expires on \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC, in 13 days: renew it before then"),
+    # a supervisor, its certificate seconds from its end: "expires" at the start, then "expired"
+    (2, 12, r"expired on \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(0 minutes ago\): clients refuse it"),
+])
+async def test_a_running_process_warns_when_its_certificate_comes_within_14_days_or_expires(
+        origin: Origin, tmp_path: Path, workers: int, left: float, says: str) -> None:
+    """The dates were read at a start and a reload only: an instance that ran for weeks logged
+    nothing as its certificate passed the 14-day mark or expired. Now the process that warns at
+    a start (the supervisor with workers, not each worker) warns at those moments too, with no
+    reload, and at most once a day after (``proxy.tls.ExpiryWatch``)."""
+    from tests.harness import spawn_cachegate, write_config
+
+    live = Live(tmp_path, dated(tmp_path, "short", _stamp(time.time() - 86400), _stamp(time.time() + left)))
+    config = write_config(str(tmp_path), origin.url,
+                          f"listen:\n  - 127.0.0.1:0\n  - {{address: '127.0.0.1:0', tls: "
+                          f"{{cert: '{live.cert}', key: '{live.key}'}}}}\n")
+    proc = await asyncio.to_thread(spawn_cachegate, ["run", "--config", config, "--workers", str(workers)])
+    try:
+        https = next(line.split("proxy listening on https://", 1)[1].split()[0] for line in proc.output
+                     if "proxy listening on https://" in line)
+        started = sum("warning: listen[1].tls.cert" in line for line in proc.output)
+        assert started == (0 if workers == 1 else 1), proc.text
+        pattern = re.compile(rf"WARNING .*TLS listener {re.escape(https)}: the certificate in "
+                             rf"{re.escape(str(live.cert))} {says}")
+        for _ in range(int(left % 86400 + 30) * 5):  # the mark passes within ``left`` seconds
+            if any(pattern.search(line) for line in proc.output):
+                break
+            await asyncio.sleep(0.2)
+        assert any(pattern.search(line) for line in proc.output), proc.text
+        await asyncio.sleep(1.5)  # (a second line, from a worker or a second check, would be here by now)
+        assert sum("TLS listener" in line for line in proc.output) == 1, proc.text
+    finally:
+        assert await asyncio.to_thread(proc.stop) == 0, proc.text
+
+
+class _Served:
+    """What a process serves, as ``ExpiryWatch`` asks for it, and a clock the test moves."""
+
+    def __init__(self, cert: Path) -> None:
+        self.pem = cert.read_bytes()
+        self.cert = str(cert)
+        self.now = time.time()
+
+    def __call__(self) -> list[tuple[str, str, bytes]]:
+        return [("127.0.0.1:8443", self.cert, self.pem)]
+
+
+def test_the_watch_warns_at_most_once_a_day_and_at_once_of_a_new_problem_or_certificate(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Checked every 12 hours, a certificate 5 days from its end is warned of once a day (the
+    start's own warning counts for its first day); its expiry, and a renewed certificate's
+    problem, at once; every check is scheduled no later than just after the next mark."""
+    served = _Served(expiring(tmp_path)[1])
+    end = not_after(Path(served.cert))
+    watch = ExpiryWatch(served, clock=lambda: served.now)
+    caplog.set_level(logging.WARNING, "cachegate.tls")
+
+    def warned(at: float) -> list[str]:
+        caplog.clear()
+        served.now = at
+        watch.check()
+        return [r.getMessage() for r in caplog.records]
+
+    start = served.now
+    watch.said()  # the start's config load warned
+    assert warned(start + RECHECK) == []
+    day = start + 2 * RECHECK
+    assert warned(day) == [f"TLS listener 127.0.0.1:8443: {validity_problem(served.cert, (0, end), day)}"]
+    assert warned(start + 3 * RECHECK) == []
+    served.now = end - 3600
+    assert watch.check() == pytest.approx(3601)  # (the next check: just after the expiry)
+    [message] = warned(end + 1)
+    assert message == f"TLS listener 127.0.0.1:8443: {validity_problem(served.cert, (0, end), end + 1)}"
+    assert " expired on " in message
+    assert warned(end + 2) == []
+    served.pem = expired(tmp_path)[1].read_bytes()  # another certificate, with its own problem
+    assert len(warned(end + 3)) == 1
 
 
 def test_the_expiry_over_workers_is_the_earliest_not_a_sum() -> None:
