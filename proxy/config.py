@@ -361,7 +361,7 @@ def _check_memory(s: Settings, problems: Problems, root: Src, machine: MachineCh
                               f"{memory_needed_text(budget, s.workers)}; under load the kernel's OOM "
                               f"killer would end a worker: raise the limit to {human_size(need)} or more, "
                               "or set cache.memory or workers lower (what clients that stop reading hold, "
-                              "up to max_unsent x 2 a worker, and open TLS connections, up to about 400 KB "
+                              "up to max_unsent x 2 a worker, and open TLS connections, up to about 650 KB "
                               "each, come on top: a bound under attack, not counted here)")
         return
     ram, swap = memory

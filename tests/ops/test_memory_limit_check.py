@@ -34,7 +34,7 @@ def test_check_warns_of_a_cgroup_limit_that_leaves_too_little_beside_cache_memor
                 "and the supervisor) x 100 MB = 332 MB; under load the kernel's OOM killer would end a worker: "
                 "raise the limit to 332 MB or more, or set cache.memory or workers lower (what clients that "
                 "stop reading hold, up to max_unsent x 2 a worker, and open TLS connections, up to about "
-                "400 KB each, come on top: a bound under attack, not counted here)") \
+                "650 KB each, come on top: a bound under attack, not counted here)") \
             in done.stdout + done.stderr
         cgroup.set_limit(332 * MB)
         done = check(config, cgroup.enter())
