@@ -34,7 +34,14 @@ from proxy.cluster.fills import NodeGate, SharedCache
 from proxy.coalescer import Coalescer
 from proxy.config import Settings
 from proxy.control import Channel
-from proxy.errors import OutOfResources, ProxyStopping, StorageError, UpstreamError, first_report
+from proxy.errors import (
+    CachegateError,
+    OutOfResources,
+    ProxyStopping,
+    StorageError,
+    UpstreamError,
+    first_report,
+)
 from proxy.flight import Attempt, HeldFill, MissPath, Whole, fill_response, unasked_304
 from proxy.http_client import InterimHook, body_error_kind, error_kind
 from proxy.leases import Busy, Granted, LeaseClient, LeaseTable, Waiting
@@ -1068,22 +1075,27 @@ class Engine:
             await asyncio.wait(writes, timeout=self.settings.cache.lock_timeout)
         try:
             await self._invalidate_now(urls)
-        except Exception:
+        except Exception as exc:
             if len(urls) == 1:
-                log.exception("invalidation of %s failed", urls[0])
-                self._invalidation_failed()
+                self._invalidation_failed(urls[0], exc)
                 return
             # One URL the store refuses must not keep the others (the target first) stored.
             for url in urls:
                 try:
                     await self._invalidate_now((url,))
-                except Exception:
-                    log.exception("invalidation of %s failed", url)
-                    self._invalidation_failed()
+                except Exception as one:
+                    self._invalidation_failed(url, one)
 
-    def _invalidation_failed(self) -> None:
+    def _invalidation_failed(self, url: str, exc: Exception) -> None:
         """An unsafe method's invalidation of a URL failed: a storage error, and a purge of kind
-        ``invalidation`` that failed (as the admin API's and PURGE's failures are counted)."""
+        ``invalidation`` that failed (as the admin API's and PURGE's failures are counted).
+        Logged as one line when the error names its cause (a full filesystem's
+        ``PurgeUnavailable``: a traceback for each unsafe request while the disk was full),
+        with its traceback otherwise (a bug)."""
+        if isinstance(exc, CachegateError):
+            log.warning("invalidation of %s failed: %s", url, exc)
+        else:
+            log.error("invalidation of %s failed", url, exc_info=exc)
         self.metrics.storage_errors.labels("invalidate").inc()
         self.metrics.purge_failures.labels("invalidation").inc()
 

@@ -228,3 +228,33 @@ async def test_requests_that_timed_out_waiting_for_the_origin_are_in_its_latency
     assert 0.3 <= next(iter(took.values())) < 2
     errors = {dict(labels)["kind"]: v for (name, labels), v in m.items() if name == "cachegate_upstream_errors_total"}
     assert errors["read_timeout"] == 1
+
+
+async def test_an_invalidation_that_fails_on_a_full_disk_is_counted_and_logged_in_one_line(
+        origin: Origin, tmp_path: Path, small_tmpfs: Path) -> None:
+    """A POST to a stored URL while the disk is full: its invalidation fails (the client still
+    gets the origin's answer), counted as a failed purge of kind ``invalidation``, and logged as
+    a line naming the cause, where each such request logged a whole traceback."""
+    origin.route("/k", body=b"x" * 100, headers={"Cache-Control": "max-age=600"})
+    directory = small_tmpfs / "i"
+    directory.mkdir()
+    proxy = await started(tmp_path, origin, "cache: {memory: 16MB, disk: {path: cache, size: 4MB, shards: 2}}\n",
+                          directory=directory, with_log=True)
+    try:
+        assert (await proxy.get("/k")).status == 200
+        await on_disk(proxy, f"http://{HOST}/k")
+        statuses = []
+        async with aiohttp.ClientSession() as s:
+            for _ in range(4):
+                fill(small_tmpfs, 0)
+                full_again(small_tmpfs)
+                async with s.post(f"{proxy.url}/k", headers={"Host": HOST}, data=b"x") as r:
+                    statuses.append(r.status)
+        m = await scrape(proxy)
+    finally:
+        assert await proxy.stop() == 0
+    assert statuses == [200] * 4
+    failed = family(m, "cachegate_purge_failures_total", "kind")["invalidation"]
+    assert failed >= 1, "\n".join(proxy.lines)
+    assert len([line for line in proxy.lines if "invalidation of" in line and "failed" in line]) == failed
+    assert not [line for line in proxy.lines if "Traceback" in line], "\n".join(proxy.lines)
