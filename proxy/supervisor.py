@@ -388,6 +388,13 @@ def worker_environment(path: Sequence[str] | None = None, cwd: str | None = None
     return {**environ, "PYTHONPATH": home + (os.pathsep + before if before else "")}
 
 
+
+def _stopped_by(w: Worker, pid: int, code: int | None) -> str | None:
+    """The signal a worker's process ``pid`` said it was stopped by, sent to it alone (``kill
+    -TERM`` by an operator or a tool), when it then exited cleanly; else None."""
+    told = w.stopped_by
+    return told[1] if code == 0 and told is not None and told[0] == pid else None
+
 class Supervisor:
     def __init__(self, settings: Settings, config_path: str | None, overrides: Overrides,
                  use_uvloop: bool = True) -> None:
@@ -838,13 +845,15 @@ class Supervisor:
         process started still has it), by why (``WORKER_END_REASONS``): ``hung`` when the
         supervisor killed it itself (the watchdog, not ready in time, a purge not acknowledged:
         ``Worker.killed``), ``oom`` for a death put down to the OOM killer (``died``), ``signal``
-        for any other signal, ``exit`` for an exit status (0 too: it was not asked)."""
+        for any other signal, and for a SIGTERM sent to it alone, after which it stops cleanly
+        (status 0, ``stopped_by``: the log says so, and an operator's ``exit`` would look for a
+        crash), ``exit`` for an exit status (0 too: it was not asked)."""
         if w.killed is not None and w.killed[0] == pid:
             reason = "hung"
         elif died is not None and died[1]:
             reason = "oom"
         else:
-            reason = "signal" if code < 0 else "exit"
+            reason = "signal" if code < 0 or _stopped_by(w, pid, code) is not None else "exit"
         runtime = self.runtime
         if runtime is not None:
             runtime.metrics.worker_restarts.labels(str(w.worker_id), reason).inc()
@@ -855,7 +864,7 @@ class Supervisor:
         (ERROR); or a clean exit (status 0: WARNING, unexpected but no crash): a stop by a
         signal sent to it alone, which it told (``stopped_by``: ``kill -TERM`` by an operator or
         a tool), or on its own. It was said as a crash: "exited with 0", at ERROR."""
-        by = w.stopped_by[1] if code == 0 and w.stopped_by is not None and w.stopped_by[0] == pid else None
+        by = _stopped_by(w, pid, code)
         if code == 0:
             how = (f"was stopped by a {by} sent to it (not by the supervisor)" if by is not None
                    else "exited on its own (status 0), without the supervisor asking")

@@ -168,9 +168,16 @@ async def test_a_worker_killed_by_a_signal_is_counted_as_a_restart(origin: Origi
         os.kill(pid, signal.SIGKILL)
         await proxy.wait_for(lambda: proxy.workers[1] != pid)  # restarted, and ready again
         m = await scrape(proxy)
+        # A SIGTERM sent to a worker alone: it stops cleanly (status 0) and says so; a signal,
+        # as the log line says, not an "exit" an operator would take for a crash.
+        pid = proxy.workers[0]
+        os.kill(pid, signal.SIGTERM)
+        await proxy.wait_for(lambda: proxy.workers[0] != pid)
+        termed = await scrape(proxy)
     finally:
         assert await proxy.stop() == 0
     assert restarts(m) == {**zero, ("1", "signal"): 1.0}
+    assert restarts(termed) == {**zero, ("1", "signal"): 1.0, ("0", "signal"): 1.0}
 
 
 async def test_each_tier_has_its_budget_beside_its_use_and_a_reload_keeps_the_running_one(
