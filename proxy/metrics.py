@@ -197,8 +197,8 @@ class LeanCounter(Collector):
 
 Counter = LeanCounter
 
-# cachegate_responses_total's classes always exported (at 0 from the start: KNOWN_LABELS says why);
-# a status of another class (an origin's 6xx to 9xx, relayed) appears with its first answer.
+# cachegate_responses_total's classes, always exported (at 0 from the start: KNOWN_LABELS says why).
+# No other reaches a client: an origin's status outside 100-599 is answered 502 (UPSTREAM-INVALID).
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
 
