@@ -410,6 +410,9 @@ class Supervisor:
         self.stopping = False
         self.runtime: Runtime | None = None
         self._ports: tuple[int, ...] = tuple(li.port for li in settings.listeners)  # as reserved
+        # The addresses reserved, as the workers' listeners name them (``cachegate_tls_*``'s
+        # ``listener``: ``localhost`` bound as ``127.0.0.1``): the configured hosts until then.
+        self._hosts: tuple[str, ...] = tuple(li.host for li in settings.listeners)
         self._port_locks: list[HeldLock] = []  # one per reserved address, held while running
         self._config: ConfigCopy | None = None  # what workers read (None: the file itself)
         # Per listener, the TLS certificate and key the workers serve (``served_after_reload``):
@@ -608,6 +611,7 @@ class Supervisor:
             self._release(reserved)
             raise
         self._ports = tuple(sock.getsockname()[1] for sock in reserved)
+        self._hosts = tuple(sock.getsockname()[0] for sock in reserved)
         return reserved
 
     def _lock_address(self, family: int, bound: Any) -> None:
@@ -1258,11 +1262,12 @@ class Supervisor:
                 for served, li in zip(self._served_tls, loaded.listeners, strict=True))
 
     def _tls_served(self) -> list[tuple[str, str, bytes]]:
-        """(address, cert file, certificate) of each TLS listener, as the workers serve it."""
+        """(address, cert file, certificate) of each TLS listener, as the workers serve it (the
+        address bound, as their ``cachegate_tls_certificate_expiry_seconds`` names it)."""
         settings = self.runtime.settings if self.runtime is not None else self.settings
-        return [(f"{_fmt(li.host)}:{port}", li.tls.cert, served[0])
-                for li, port, served in zip(settings.listeners, self._ports, self._served_tls, strict=False)
-                if li.tls is not None and served is not None]
+        listeners = zip(settings.listeners, self._hosts, self._ports, self._served_tls, strict=False)
+        return [(f"{_fmt(host)}:{port}", li.tls.cert, served[0])
+                for li, host, port, served in listeners if li.tls is not None and served is not None]
 
     async def _reload_workers(self, problems: list[str]) -> WorkersReloaded:
         """Every worker's reload, all at once, from the copy as it is now: ``problems`` plus one
